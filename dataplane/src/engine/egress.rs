@@ -1,0 +1,184 @@
+//! Where a packet goes after NAT: a local pod's port, a remote node over
+//! VXLAN, or the uplink toward a neighbour or the gateway. Also VXLAN decap.
+
+use std::net::Ipv4Addr;
+
+use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
+use crate::addr::Mac;
+use crate::hash;
+use crate::tables::{RemoteNode, Tables};
+use crate::time::Time;
+use crate::wire::ethernet::{self, ETHERTYPE_IPV4, L2};
+use crate::wire::ipv4::{self, NewHeader, PROTO_UDP};
+use crate::wire::l4::{L4, UDP_HEADER_LEN};
+use crate::wire::{be16, put16, vxlan};
+
+/// UDP source ports for VXLAN come from this range (RFC 7348 recommends
+/// 49152-65535), chosen by the inner flow hash so ECMP spreads flows.
+const VXLAN_SRC_PORT_BASE: u16 = 49152;
+
+impl Worker {
+    /// Sends the packet (already NATed and TTL-decremented) toward
+    /// `pkt.ip.dst`, rewriting its L2 header for the egress port.
+    pub(super) fn send(
+        &mut self,
+        t: &Tables,
+        frame: &mut Frame,
+        pkt: &Pkt,
+    ) -> Result<Verdict, DropReason> {
+        let node = t.node();
+        let dst = pkt.ip.dst;
+        if let Some(pod) = t.local_pod(dst) {
+            let port = node.port(pod.port).ok_or(DropReason::UnknownPort)?;
+            set_l2(frame, &pkt.l2, pod.mac, port.mac, port.vlan)?;
+            return Ok(Verdict::Tx(pod.port));
+        }
+        if let Some(remote) = t.remote_node(dst) {
+            return self.encap(t, frame, pkt, remote);
+        }
+        if node.is_node_ip(dst) {
+            // A host-network backend on this very node: kxp has no path into
+            // the local stack from userspace.
+            return Err(DropReason::NoRoute);
+        }
+        let mac = uplink_next_hop(t, dst)?;
+        let up = node.port(node.uplink).ok_or(DropReason::UnknownPort)?;
+        set_l2(frame, &pkt.l2, mac, up.mac, up.vlan)?;
+        Ok(Verdict::Tx(node.uplink))
+    }
+
+    /// Wraps the IP packet in Ethernet/IPv4/UDP/VXLAN toward `remote`.
+    fn encap(
+        &mut self,
+        t: &Tables,
+        frame: &mut Frame,
+        pkt: &Pkt,
+        remote: RemoteNode,
+    ) -> Result<Verdict, DropReason> {
+        let node = t.node();
+        let up = node.port(node.uplink).ok_or(DropReason::UnknownPort)?;
+        let src_ip = node.vtep_ip().ok_or(DropReason::NoRoute)?;
+        let next_hop = uplink_next_hop(t, remote.node_ip)?;
+        let flow_hash = inner_flow_hash(frame.data(), &pkt.ip);
+        set_l2(frame, &pkt.l2, remote.vtep_mac, node.vxlan.vtep_mac, None)?;
+        let inner_len = frame.len();
+        let outer_l2 = ethernet::header_len(up.vlan);
+        frame.push_front(outer_l2 + ipv4::MIN_HEADER_LEN + UDP_HEADER_LEN + vxlan::HEADER_LEN)?;
+        let id = self.next_ip_id();
+        let b = frame.data_mut();
+        ethernet::write(b, next_hop, up.mac, up.vlan, ETHERTYPE_IPV4);
+        let udp_len = UDP_HEADER_LEN + vxlan::HEADER_LEN + inner_len;
+        ipv4::write(
+            b,
+            outer_l2,
+            NewHeader {
+                total_len: (ipv4::MIN_HEADER_LEN + udp_len) as u16,
+                id,
+                dont_fragment: false,
+                ttl: 64,
+                proto: PROTO_UDP,
+                src: src_ip,
+                dst: remote.node_ip,
+            },
+        );
+        let u = outer_l2 + ipv4::MIN_HEADER_LEN;
+        put16(b, u, VXLAN_SRC_PORT_BASE | (flow_hash as u16 & 0x3fff));
+        put16(b, u + 2, node.vxlan.port);
+        put16(b, u + 4, udp_len as u16);
+        // Zero UDP checksum, as Linux VXLAN sends by default (RFC 7348 allows it).
+        put16(b, u + 6, 0);
+        vxlan::write(b, u + UDP_HEADER_LEN, node.vxlan.vni);
+        self.stats.encapsulated += 1;
+        Ok(Verdict::Tx(node.uplink))
+    }
+
+    /// Strips the outer headers of VXLAN addressed to this node and handles
+    /// the inner packet as arriving from the overlay.
+    pub(super) fn decap(
+        &mut self,
+        now: Time,
+        t: &Tables,
+        frame: &mut Frame,
+        outer: Pkt,
+        udp: L4,
+    ) -> Result<Verdict, DropReason> {
+        let vx = udp.off + UDP_HEADER_LEN;
+        let vni = vxlan::parse(frame.data(), vx)?;
+        if vni != t.node().vxlan.vni {
+            return Err(DropReason::WrongVni);
+        }
+        frame.pull_front(vx + vxlan::HEADER_LEN)?;
+        let l2 = ethernet::parse(frame.data())?;
+        if l2.ethertype != ETHERTYPE_IPV4 {
+            return Err(DropReason::OverlayNotIpv4);
+        }
+        let ip = ipv4::parse(frame.data(), l2.len)?;
+        frame.truncate(ip.end());
+        self.stats.decapsulated += 1;
+        let pkt = Pkt {
+            l2,
+            ip,
+            ingress: outer.ingress,
+            origin: Origin::Overlay,
+        };
+        if ip.is_fragment() {
+            return self.forward_plain(t, frame, pkt);
+        }
+        self.handle_ip(now, t, frame, pkt)
+    }
+}
+
+/// MAC of the next hop on the uplink for `dst`: the host itself when it is on
+/// the uplink subnet, the gateway otherwise.
+fn uplink_next_hop(t: &Tables, dst: Ipv4Addr) -> Result<Mac, DropReason> {
+    let node = t.node();
+    let hop = if node.uplink_subnet.contains(dst) {
+        dst
+    } else {
+        node.gateway.ok_or(DropReason::NoRoute)?
+    };
+    t.neighbor(hop).ok_or(DropReason::NoNeighbor)
+}
+
+/// Replaces the L2 header (length `cur.len`) in front of the IP packet with
+/// one for the egress port.
+fn set_l2(
+    frame: &mut Frame,
+    cur: &L2,
+    dst: Mac,
+    src: Mac,
+    vlan: Option<u16>,
+) -> Result<(), DropReason> {
+    let want = ethernet::header_len(vlan);
+    if want > cur.len {
+        frame.push_front(want - cur.len)?;
+    } else if want < cur.len {
+        frame.pull_front(cur.len - want)?;
+    }
+    ethernet::write(frame.data_mut(), dst, src, vlan, ETHERTYPE_IPV4);
+    Ok(())
+}
+
+/// Hash of the inner 5-tuple (ports when the packet has them).
+fn inner_flow_hash(b: &[u8], ip: &ipv4::Ipv4) -> u64 {
+    let ports = match ip.proto {
+        ipv4::PROTO_TCP | ipv4::PROTO_UDP if !ip.is_fragment() && ip.l4_len() >= 4 => {
+            (be16(b, ip.l4_off()), be16(b, ip.l4_off() + 2))
+        }
+        _ => (0, 0),
+    };
+    hash::flow(
+        u32::from(ip.src),
+        u32::from(ip.dst),
+        ports.0,
+        ports.1,
+        ip.proto,
+    )
+}
+
+pub(super) fn answer_l2(frame: &mut Frame, pkt: &Pkt, t: &Tables) -> Result<(), DropReason> {
+    let port = t.node().port(pkt.ingress).ok_or(DropReason::UnknownPort)?;
+    // The frame's current L2 header is the original one: swap its MACs.
+    let client = ethernet::src(frame.data());
+    set_l2(frame, &pkt.l2, client, port.mac, pkt.l2.vlan)
+}

@@ -1,0 +1,216 @@
+//! The packet engine: one received frame in, one verdict out, no I/O.
+//!
+//! **Contract.** [`Worker::process`] takes the time, the live [`Tables`]
+//! snapshot, the ingress port and the frame, rewrites the frame in place and
+//! returns [`Verdict::Tx`] (send the frame on that port), [`Verdict::Pass`]
+//! (give the original, untouched frame to the kernel) or [`Verdict::Drop`]
+//! with a counted reason. It never panics on frame contents, never reads a
+//! clock, never makes a syscall and never allocates.
+//!
+//! Pipeline:
+//! ```text
+//! Ethernet/VLAN -> IPv4 (fragments: Pass) -> VXLAN to us? decap, recurse on inner
+//!   TCP/UDP: conntrack hit  -> (stale backend? UDP rebalance / TCP RST) -> NAT -> TTL -> egress
+//!            service match  -> backend (affinity, Maglev) -> SNAT? -> conntrack insert -> NAT -> egress
+//!            otherwise      -> overlay routing or Pass
+//!   ICMP error: quoted flow in conntrack -> translate outer + quoted headers -> egress
+//! egress: local pod (pod port) | remote pod CIDR (VXLAN over uplink) | uplink neighbour/gateway
+//! ```
+
+mod egress;
+mod icmp_error;
+mod nat;
+mod reply;
+mod stats;
+
+use std::sync::Arc;
+
+use crate::addr::PortId;
+use crate::flow::FlowState;
+use crate::frame::Frame;
+use crate::tables::{PortRole, Tables};
+use crate::time::Time;
+use crate::wire::ethernet::{self, ETHERTYPE_IPV4, L2};
+use crate::wire::ipv4::{self, Ipv4, PROTO_ICMP, PROTO_UDP};
+use crate::wire::{icmp, l4};
+
+pub use reply::TokenBucket;
+pub use stats::{DropReason, Stats};
+
+/// What to do with a frame after [`Worker::process`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the (rewritten) frame on this port.
+    Tx(PortId),
+    /// Not kxp's: hand the original frame to the kernel unchanged.
+    Pass,
+    Drop(DropReason),
+}
+
+/// Where a packet entered, which decides what plain routing it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Uplink,
+    Pod,
+    /// Decapsulated from VXLAN.
+    Overlay,
+}
+
+/// One worker's engine state. Flow state is shared with the other workers;
+/// counters and the rejection rate limiter are the worker's own.
+pub struct Worker {
+    flows: Arc<FlowState>,
+    pub stats: Stats,
+    limiter: TokenBucket,
+    ip_id: u16,
+    sweep_scratch: Vec<(crate::flow::FlowKey, usize)>,
+}
+
+/// A parsed packet being processed: its L2 header, IPv4 header and ingress.
+#[derive(Clone, Copy, Debug)]
+struct Pkt {
+    l2: L2,
+    ip: Ipv4,
+    ingress: PortId,
+    origin: Origin,
+}
+
+impl Worker {
+    pub fn new(flows: Arc<FlowState>) -> Self {
+        Worker {
+            flows,
+            stats: Stats::default(),
+            limiter: TokenBucket::default(),
+            ip_id: 0,
+            sweep_scratch: Vec::with_capacity(4096),
+        }
+    }
+
+    pub fn flows(&self) -> &Arc<FlowState> {
+        &self.flows
+    }
+
+    /// Processes one frame. See the module docs for the contract.
+    pub fn process(
+        &mut self,
+        now: Time,
+        t: &Tables,
+        ingress: PortId,
+        frame: &mut Frame,
+    ) -> Verdict {
+        self.stats.rx_packets += 1;
+        self.stats.rx_bytes += frame.len() as u64;
+        let v = self
+            .dispatch(now, t, ingress, frame)
+            .unwrap_or_else(Verdict::Drop);
+        match v {
+            Verdict::Tx(_) => {
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += frame.len() as u64;
+            }
+            Verdict::Pass => self.stats.passed += 1,
+            Verdict::Drop(r) => self.stats.drops[r as usize] += 1,
+        }
+        v
+    }
+
+    /// Between batches: expires one conntrack shard. Returns flows removed.
+    pub fn housekeeping(&mut self, now: Time) -> usize {
+        self.flows.conntrack.sweep(now, &mut self.sweep_scratch)
+    }
+
+    fn dispatch(
+        &mut self,
+        now: Time,
+        t: &Tables,
+        ingress: PortId,
+        frame: &mut Frame,
+    ) -> Result<Verdict, DropReason> {
+        let origin = match t.node().port(ingress) {
+            Some(p) if p.role == PortRole::Uplink => Origin::Uplink,
+            Some(_) => Origin::Pod,
+            None => return Err(DropReason::UnknownPort),
+        };
+        let l2 = ethernet::parse(frame.data())?;
+        if l2.ethertype != ETHERTYPE_IPV4 {
+            return Ok(Verdict::Pass);
+        }
+        let ip = ipv4::parse(frame.data(), l2.len)?;
+        if ip.is_fragment() {
+            // Only the first fragment has ports; NATing fragments needs
+            // reassembly, which the kernel does.
+            return Ok(Verdict::Pass);
+        }
+        // Pass must hand over the original frame, so strip Ethernet padding
+        // only once the frame is surely ours.
+        let pkt = Pkt {
+            l2,
+            ip,
+            ingress,
+            origin,
+        };
+        if ip.proto == PROTO_UDP && origin == Origin::Uplink && t.node().is_node_ip(ip.dst) {
+            if let Some(u) = l4::parse(frame.data(), &ip)? {
+                if u.dst_port == t.node().vxlan.port {
+                    frame.truncate(ip.end());
+                    return self.decap(now, t, frame, pkt, u);
+                }
+            }
+        }
+        self.handle_ip(now, t, frame, pkt)
+    }
+
+    fn handle_ip(
+        &mut self,
+        now: Time,
+        t: &Tables,
+        frame: &mut Frame,
+        pkt: Pkt,
+    ) -> Result<Verdict, DropReason> {
+        if let Some(l4) = l4::parse(frame.data(), &pkt.ip)? {
+            return self.handle_l4(now, t, frame, pkt, l4);
+        }
+        if pkt.ip.proto == PROTO_ICMP {
+            let m = icmp::parse(frame.data(), &pkt.ip)?;
+            if m.is_error() {
+                if let Some(v) = self.icmp_error(now, t, frame, pkt, m)? {
+                    return Ok(v);
+                }
+            }
+        }
+        self.forward_plain(t, frame, pkt)
+    }
+
+    /// Traffic that is not for a service: overlay routing for pods, else the
+    /// kernel's.
+    fn forward_plain(
+        &mut self,
+        t: &Tables,
+        frame: &mut Frame,
+        mut pkt: Pkt,
+    ) -> Result<Verdict, DropReason> {
+        let routed = match pkt.origin {
+            Origin::Pod => t.remote_node(pkt.ip.dst).is_some(),
+            Origin::Overlay => {
+                if t.local_pod(pkt.ip.dst).is_none() {
+                    return Err(DropReason::NoRoute);
+                }
+                true
+            }
+            Origin::Uplink => false,
+        };
+        if !routed {
+            return Ok(Verdict::Pass);
+        }
+        frame.truncate(pkt.ip.end());
+        if !ipv4::decrement_ttl(frame.data_mut(), &mut pkt.ip) {
+            return Err(DropReason::TtlExceeded);
+        }
+        self.send(t, frame, &pkt)
+    }
+
+    fn next_ip_id(&mut self) -> u16 {
+        self.ip_id = self.ip_id.wrapping_add(1);
+        self.ip_id
+    }
+}

@@ -1,0 +1,278 @@
+//! Service NAT: conntrack lookups, new flows (backend choice, SNAT), and the
+//! rewrite itself.
+
+use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
+use crate::addr::{BackendAddr, Endpoint, Proto};
+use crate::flow::conntrack::{Entry, InsertError};
+use crate::flow::tcp::{self, CtState, FIN_FORWARD, FIN_REPLY};
+use crate::flow::{Dir, FlowKey};
+use crate::tables::{ChecksumPolicy, Reach, ServiceMatch, Tables};
+use crate::time::Time;
+use crate::wire::ipv4;
+use crate::wire::l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN};
+
+/// What conntrack said about a packet.
+enum Tracked {
+    /// Translate with this flow's tuples.
+    Hit {
+        dir: Dir,
+        fwd: FlowKey,
+        rep: FlowKey,
+    },
+    /// The flow's backend left the endpoint set.
+    Stale {
+        fwd: FlowKey,
+    },
+    /// A new SYN on a finished flow: forget it and start over.
+    Restart {
+        fwd: FlowKey,
+    },
+    Miss,
+}
+
+impl Worker {
+    pub(super) fn handle_l4(
+        &mut self,
+        now: Time,
+        t: &Tables,
+        frame: &mut Frame,
+        pkt: Pkt,
+        l4: L4,
+    ) -> Result<Verdict, DropReason> {
+        let key = FlowKey::new(
+            Endpoint::new(pkt.ip.src, l4.src_port),
+            Endpoint::new(pkt.ip.dst, l4.dst_port),
+            l4.proto,
+        );
+        // Two rounds at most: a stale or restarted flow is removed, then the
+        // packet is handled as the first of a new flow.
+        for _ in 0..2 {
+            match self.track(now, t, &key, &l4) {
+                Tracked::Hit { dir, fwd, rep } => {
+                    let (src, dst) = match dir {
+                        Dir::Forward => (rep.dst(), rep.src()),
+                        Dir::Reply => (fwd.dst(), fwd.src()),
+                    };
+                    return self.translate(t, frame, pkt, l4, src, dst);
+                }
+                Tracked::Stale { fwd } => {
+                    self.flows.conntrack.remove(&fwd);
+                    if l4.proto == Proto::Tcp {
+                        // The backend is gone: tell the client now instead of
+                        // letting it retransmit into a black hole.
+                        self.stats.flows_reset += 1;
+                        return self.reset(now, t, frame, pkt, l4);
+                    }
+                    // UDP: re-balance at once (no stale-conntrack DNS outage).
+                    self.stats.flows_rebalanced += 1;
+                }
+                Tracked::Restart { fwd } => {
+                    self.flows.conntrack.remove(&fwd);
+                }
+                Tracked::Miss => break,
+            }
+        }
+        match t.service_for(pkt.ip.dst, l4.dst_port, l4.proto) {
+            Some(m) => self.new_flow(now, t, frame, pkt, l4, key, m),
+            None => self.forward_plain(t, frame, pkt),
+        }
+    }
+
+    fn track(&self, now: Time, t: &Tables, key: &FlowKey, l4: &L4) -> Tracked {
+        let generation = t.generation() as u32;
+        let ct = &self.flows.conntrack;
+        let timeouts = ct.timeouts();
+        ct.with_flow(now, key, |dir, e| {
+            let forward = dir == Dir::Forward;
+            if forward
+                && l4.proto == Proto::Tcp
+                && l4.has(TCP_SYN)
+                && !l4.has(TCP_ACK)
+                && e.state.is_finished()
+            {
+                return Tracked::Restart { fwd: e.fwd };
+            }
+            if forward && e.checked_gen != generation {
+                if !backend_still_valid(t, e) {
+                    return Tracked::Stale { fwd: e.fwd };
+                }
+                e.checked_gen = generation;
+            }
+            let state = match l4.proto {
+                Proto::Tcp => {
+                    let mut fins = e.flags & (FIN_FORWARD | FIN_REPLY);
+                    let s = tcp::tcp_advance(e.state, &mut fins, l4.tcp_flags, forward);
+                    e.flags = (e.flags & !(FIN_FORWARD | FIN_REPLY)) | fins;
+                    s
+                }
+                Proto::Udp if !forward => CtState::UdpReplied,
+                Proto::Udp => e.state,
+            };
+            e.refresh(now, state, timeouts);
+            Tracked::Hit {
+                dir,
+                fwd: e.fwd,
+                rep: e.rep,
+            }
+        })
+        .unwrap_or(Tracked::Miss)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_flow(
+        &mut self,
+        now: Time,
+        t: &Tables,
+        frame: &mut Frame,
+        pkt: Pkt,
+        l4: L4,
+        key: FlowKey,
+        m: ServiceMatch<'_>,
+    ) -> Result<Verdict, DropReason> {
+        if l4.proto == Proto::Tcp && l4.has(TCP_RST) {
+            return Err(DropReason::StrayTcp);
+        }
+        let svc = m.svc;
+        let node = t.node();
+        if svc.has_no_endpoints() {
+            // kube-proxy: REJECT (ICMP port unreachable), so clients fail fast.
+            return self.reject(now, t, frame, pkt);
+        }
+        let from_cluster = node.in_cluster(pkt.ip.src);
+        let set = svc.backends_for(m.reach, from_cluster);
+        let hash = key.stable_hash();
+        let backend = match svc.affinity {
+            Some(timeout) => {
+                let remembered = self
+                    .flows
+                    .affinity
+                    .get(now, svc.id, pkt.ip.src, timeout)
+                    .filter(|b| set.contains(*b));
+                let b = remembered.or_else(|| set.pick(hash));
+                if let Some(b) = b {
+                    self.flows.affinity.set(now, svc.id, pkt.ip.src, b, timeout);
+                }
+                b
+            }
+            None => set.pick(hash),
+        };
+        // Policy Local with no local endpoint: kube-proxy drops.
+        let Some(BackendAddr(backend)) = backend else {
+            return Err(DropReason::NoLocalEndpoint);
+        };
+
+        let masquerade = match m.reach {
+            // Sources outside the cluster CIDR reaching a ClusterIP.
+            Reach::Internal => node.cluster_cidr.is_some() && !from_cluster,
+            // eTP=Cluster: SNAT so replies come back through this node.
+            // eTP=Local keeps the client address (the backend is local).
+            Reach::External => !svc.external_local,
+        };
+        // Hairpin: a pod sent to its own service and got itself.
+        let snat = masquerade || backend.ip == pkt.ip.src;
+        let (nat_ip, lo, hi) = if snat {
+            (node.snat_ip, node.snat_ports.0, node.snat_ports.1)
+        } else {
+            (pkt.ip.src, node.snat_ports.0, node.snat_ports.1)
+        };
+        let span = u32::from(hi.saturating_sub(lo)) + 1;
+        let start = (hash >> 16) as u32 % span;
+        let first = if !snat || (lo..=hi).contains(&l4.src_port) {
+            l4.src_port
+        } else {
+            lo + start as u16
+        };
+        // The client's own port first (like Linux NAT); on a clash, walk the
+        // range from a hashed start. The client keeps its IP without SNAT.
+        let candidates = |i: u32| -> Option<FlowKey> {
+            let port = match i {
+                0 => first,
+                i if i <= 64 => lo + ((start + i * 7919) % span) as u16,
+                _ => return None,
+            };
+            Some(FlowKey::new(backend, Endpoint::new(nat_ip, port), l4.proto))
+        };
+        let state = match l4.proto {
+            Proto::Tcp => tcp::tcp_initial(l4.tcp_flags),
+            Proto::Udp => CtState::UdpUnreplied,
+        };
+        let entry = Entry::new(key, key, svc.id, t.generation() as u32, state);
+        let rep = match self.flows.conntrack.insert(now, entry, candidates) {
+            Ok(ins) => {
+                self.stats.new_flows += 1;
+                self.stats.ct_evictions += u64::from(ins.evicted);
+                ins.rep
+            }
+            Err(InsertError::Exists) => {
+                // Another worker created it a moment ago: use that one.
+                return match self.track(now, t, &key, &l4) {
+                    Tracked::Hit { rep, .. } => {
+                        self.translate(t, frame, pkt, l4, rep.dst(), rep.src())
+                    }
+                    _ => Err(DropReason::ConntrackFull),
+                };
+            }
+            Err(InsertError::NoReplyTuple) => return Err(DropReason::SnatExhausted),
+            Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
+        };
+        self.translate(t, frame, pkt, l4, rep.dst(), rep.src())
+    }
+
+    /// Rewrites addresses and ports to `src` -> `dst`, decrements TTL and
+    /// sends the packet on its way.
+    pub(super) fn translate(
+        &mut self,
+        t: &Tables,
+        frame: &mut Frame,
+        mut pkt: Pkt,
+        mut l4: L4,
+        src: Endpoint,
+        dst: Endpoint,
+    ) -> Result<Verdict, DropReason> {
+        if pkt.ip.ttl <= 1 {
+            return Err(DropReason::TtlExceeded);
+        }
+        frame.truncate(pkt.ip.end());
+        let b = frame.data_mut();
+        let old = (pkt.ip.src, pkt.ip.dst);
+        if src.ip != pkt.ip.src {
+            ipv4::set_src(b, &mut pkt.ip, src.ip);
+        }
+        if dst.ip != pkt.ip.dst {
+            ipv4::set_dst(b, &mut pkt.ip, dst.ip);
+        }
+        ipv4::decrement_ttl(b, &mut pkt.ip);
+        match t.node().checksum {
+            ChecksumPolicy::Incremental => {
+                l4::rewrite(b, &mut l4, old, (src.ip, dst.ip), (src.port, dst.port));
+            }
+            ChecksumPolicy::Full => {
+                l4::rewrite(b, &mut l4, old, (src.ip, dst.ip), (src.port, dst.port));
+                l4::fill_checksum(b, &pkt.ip, &l4, false);
+            }
+        }
+        self.send(t, frame, &pkt)
+    }
+}
+
+/// An established flow may keep its backend while the endpoint slices list
+/// it: TCP through termination (graceful shutdown, KEP-1669), UDP only while
+/// it is serving — a UDP "flow" has no end, so it must move as soon as the
+/// backend stops serving.
+fn backend_still_valid(t: &Tables, e: &Entry) -> bool {
+    let Some(svc) = t.service(e.svc) else {
+        return false;
+    };
+    match svc.endpoint(BackendAddr(e.rep.src())) {
+        None => false,
+        Some(ep) => e.fwd.proto == Proto::Tcp || ep.ready || ep.serving,
+    }
+}
+
+impl Origin {
+    /// Generated answers (reject, reset) go back out of the ingress port with
+    /// the MACs swapped, except for overlay traffic, which is routed.
+    pub(super) fn answers_in_place(self) -> bool {
+        self != Origin::Overlay
+    }
+}

@@ -1,0 +1,683 @@
+//! Connection tracking: a bounded, sharded table of NATed flows.
+//!
+//! Every flow has two keys: `fwd`, the tuple the client sends (client ->
+//! frontend), and `rep`, the tuple the backend replies with (backend ->
+//! client, or -> the SNAT address). The entry lives in the shard of its
+//! `fwd` key; the shard of its `rep` key holds a *link* that names the
+//! entry's slot. A reply lookup therefore takes two short lock sections, one
+//! per shard, and never holds two locks at once, so there is no lock order
+//! to get wrong.
+//!
+//! Memory: one 48-byte slab slot per flow plus two 20-byte index elements
+//! (entry and link) in hashbrown tables sized to stay under 7/8 load at
+//! capacity; `cargo run -p bench -- engine` measures the real figure.
+//!
+//! Expiry is driven by the `now` callers pass: lookups treat expired entries
+//! as absent and remove them; [`Conntrack::sweep`] walks one shard per call.
+//! When a shard is full, insertion evicts a victim among 16 sampled slots
+//! (up to 64 when the first 16 are all established),
+//! preferring expired, then half-open or closing flows, then the one closest
+//! to expiry, so a SYN flood cannot push out established connections while
+//! it has its own half-open entries to displace.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hashbrown::HashTable;
+use parking_lot::Mutex;
+
+use super::key::FlowKey;
+use super::tcp::{CtState, Timeouts};
+use crate::addr::SvcId;
+use crate::time::Time;
+
+/// Sizing and timeouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtConfig {
+    /// Most flows tracked at once (kube-proxy's `conntrack.min` analogue).
+    pub capacity: usize,
+    pub timeouts: Timeouts,
+    /// Most (service, client IP) session-affinity records.
+    pub affinity_capacity: usize,
+}
+
+impl Default for CtConfig {
+    fn default() -> Self {
+        CtConfig {
+            capacity: 1 << 20,
+            timeouts: Timeouts::default(),
+            affinity_capacity: 1 << 16,
+        }
+    }
+}
+
+/// One tracked flow. 48 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// As the client sends it: client -> frontend (VIP, LB IP, node:NodePort).
+    pub fwd: FlowKey,
+    /// As the backend replies: backend -> client (or the SNAT address:port).
+    pub rep: FlowKey,
+    pub svc: SvcId,
+    /// Low 32 bits of the table generation the backend was last checked
+    /// against; see the engine's stale-backend handling.
+    pub checked_gen: u32,
+    /// Expiry, in whole seconds of engine time.
+    expires: u32,
+    pub state: CtState,
+    /// FIN bits (see `tcp`) and the internal pending bit.
+    pub flags: u8,
+}
+
+const PENDING: u8 = 0x80;
+
+impl Entry {
+    pub fn new(fwd: FlowKey, rep: FlowKey, svc: SvcId, checked_gen: u32, state: CtState) -> Self {
+        Entry {
+            fwd,
+            rep,
+            svc,
+            checked_gen,
+            expires: 0,
+            state,
+            flags: 0,
+        }
+    }
+
+    /// Sets the state and restarts its timer from `now`.
+    pub fn refresh(&mut self, now: Time, state: CtState, timeouts: &Timeouts) {
+        self.state = state;
+        let t = secs(now)
+            .saturating_add(timeouts.for_state(state).as_secs().min(u64::from(u32::MAX)) as u32);
+        self.expires = t;
+    }
+
+    fn expired(&self, now: u32) -> bool {
+        self.expires <= now
+    }
+
+    fn pending(&self) -> bool {
+        self.flags & PENDING != 0
+    }
+}
+
+fn secs(t: Time) -> u32 {
+    // Rounds up so an entry never expires early; u32 seconds last 136 years.
+    (t.0.div_ceil(1_000_000_000)).min(u64::from(u32::MAX)) as u32
+}
+
+/// Which key a packet matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    Forward,
+    Reply,
+}
+
+/// Why a flow could not be added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertError {
+    /// Another worker added the same flow first; use that one.
+    Exists,
+    /// No reply tuple was free (SNAT ports exhausted for this backend).
+    NoReplyTuple,
+    /// The shard is full of flows still being set up.
+    Full,
+}
+
+/// What an insertion did besides inserting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inserted {
+    pub rep: FlowKey,
+    pub evicted: bool,
+}
+
+/// Index value: a slab slot in this shard, or (high bit) a link to a global
+/// slot `shard * per_shard + slot`.
+const LINK: u32 = 1 << 31;
+
+struct Shard {
+    slab: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    index: HashTable<(FlowKey, u32)>,
+    live: usize,
+    hand: usize,
+}
+
+pub struct Conntrack {
+    shards: Box<[Mutex<Shard>]>,
+    per_shard: usize,
+    hasher: ahash::RandomState,
+    timeouts: Timeouts,
+    sweep_cursor: AtomicUsize,
+}
+
+/// Flows per shard at capacity: with two index elements per flow spread over
+/// the shards, 3276 flows keep each 8192-bucket index near 80% load.
+const FLOWS_PER_SHARD: usize = 3276;
+const EVICTION_SAMPLE: usize = 16;
+
+impl Conntrack {
+    pub fn new(config: CtConfig) -> Self {
+        let capacity = config.capacity.max(1);
+        let n = capacity.div_ceil(FLOWS_PER_SHARD).clamp(1, 4096);
+        let per_shard = capacity.div_ceil(n);
+        let shards = (0..n)
+            .map(|_| {
+                Mutex::new(Shard {
+                    slab: Vec::with_capacity(per_shard),
+                    free: Vec::new(),
+                    index: HashTable::with_capacity(per_shard * 2),
+                    live: 0,
+                    hand: 0,
+                })
+            })
+            .collect();
+        Conntrack {
+            shards,
+            per_shard,
+            hasher: ahash::RandomState::new(),
+            timeouts: config.timeouts,
+            sweep_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.per_shard * self.shards.len()
+    }
+
+    #[inline]
+    fn hash(&self, k: &FlowKey) -> u64 {
+        self.hasher.hash_one(k)
+    }
+
+    #[inline]
+    fn shard_index(&self, h: u64) -> usize {
+        // Multiply-shift over the high half: no power-of-two shard count needed,
+        // and independent of the low bits hashbrown uses for buckets.
+        (((h >> 32) * self.shards.len() as u64) >> 32) as usize
+    }
+
+    /// Runs `f` on the flow `key` belongs to, in whichever direction it
+    /// matches, under that entry's shard lock. Expired entries count as
+    /// absent (and are removed).
+    pub fn with_flow<R>(
+        &self,
+        now: Time,
+        key: &FlowKey,
+        f: impl FnOnce(Dir, &mut Entry) -> R,
+    ) -> Option<R> {
+        let now_s = secs(now);
+        let h = self.hash(key);
+        let si = self.shard_index(h);
+        let target = {
+            let mut s = self.shards[si].lock();
+            let v = s.index.find(h, |(k, _)| k == key).map(|&(_, v)| v)?;
+            if v & LINK == 0 {
+                let slot = v as usize;
+                let e = s.slab[slot].as_mut().expect("index points at a live slot");
+                if e.expired(now_s) {
+                    let dead = s.remove_slot(slot, h);
+                    drop(s);
+                    self.unlink(&dead.rep, si, slot);
+                    return None;
+                }
+                return Some(f(Dir::Forward, e));
+            }
+            (v & !LINK) as usize
+        };
+        let (ti, slot) = (target / self.per_shard, target % self.per_shard);
+        let mut s = self.shards[ti].lock();
+        let live = match s.slab.get_mut(slot) {
+            Some(Some(e)) if e.rep == *key && !e.pending() => Some(e.expired(now_s)),
+            _ => None,
+        };
+        match live {
+            Some(false) => {
+                let e = s.slab[slot].as_mut().expect("checked above");
+                Some(f(Dir::Reply, e))
+            }
+            Some(true) => {
+                let fwd = s.slab[slot].expect("checked above").fwd;
+                let dead = s.remove_slot(slot, self.hash(&fwd));
+                drop(s);
+                self.unlink(&dead.rep, ti, slot);
+                None
+            }
+            None => {
+                drop(s);
+                self.unlink(key, ti, slot);
+                None
+            }
+        }
+    }
+
+    /// Removes the link `rep` if it still points at `shard`/`slot`.
+    fn unlink(&self, rep: &FlowKey, shard: usize, slot: usize) {
+        let h = self.hash(rep);
+        let want = LINK | (shard * self.per_shard + slot) as u32;
+        let mut s = self.shards[self.shard_index(h)].lock();
+        if let Ok(occ) = s.index.find_entry(h, |(k, v)| k == rep && *v == want) {
+            occ.remove();
+        }
+    }
+
+    /// Adds a flow. `entry.rep` is ignored: `candidates(i)` proposes reply
+    /// tuples in order (the first that no other flow uses is taken), which
+    /// is how SNAT port allocation guarantees it never collides with a live
+    /// flow. On success the entry's timer starts at `now`.
+    pub fn insert(
+        &self,
+        now: Time,
+        mut entry: Entry,
+        mut candidates: impl FnMut(u32) -> Option<FlowKey>,
+    ) -> Result<Inserted, InsertError> {
+        let now_s = secs(now);
+        let fh = self.hash(&entry.fwd);
+        let fi = self.shard_index(fh);
+        entry.refresh(now, entry.state, &self.timeouts);
+        entry.flags |= PENDING;
+        let mut evicted = None;
+        // 1. Reserve a slot (not yet findable by its key).
+        let slot = {
+            let mut s = self.shards[fi].lock();
+            if let Some(&(_, v)) = s.index.find(fh, |(k, _)| *k == entry.fwd) {
+                let e = s.slab[v as usize].expect("index points at a live slot");
+                if !e.expired(now_s) {
+                    return Err(InsertError::Exists);
+                }
+                let dead = s.remove_slot(v as usize, fh);
+                evicted = Some((dead.rep, v as usize, false));
+            }
+            if s.live >= self.per_shard {
+                match s.victim(now_s) {
+                    Some(v) => {
+                        let fwd = s.slab[v].expect("victim is live").fwd;
+                        let dead = s.remove_slot(v, self.hash(&fwd));
+                        evicted = Some((dead.rep, v, true));
+                    }
+                    None => return Err(InsertError::Full),
+                }
+            }
+            s.alloc(entry)
+        };
+        let was_evicted = evicted.is_some_and(|(_, _, e)| e);
+        if let Some((rep, vslot, _)) = evicted {
+            self.unlink(&rep, fi, vslot);
+        }
+        // 2. Claim a reply tuple by inserting its link.
+        let link = LINK | (fi * self.per_shard + slot) as u32;
+        let mut claimed = None;
+        for i in 0.. {
+            let Some(rep) = candidates(i) else { break };
+            if self.claim(now, rep, link) {
+                claimed = Some(rep);
+                break;
+            }
+        }
+        // 3. Publish the entry under its forward key.
+        let mut s = self.shards[fi].lock();
+        let Some(rep) = claimed else {
+            s.free_slot(slot);
+            return Err(InsertError::NoReplyTuple);
+        };
+        if s.index.find(fh, |(k, _)| *k == entry.fwd).is_some() {
+            s.free_slot(slot);
+            drop(s);
+            self.unlink(&rep, fi, slot);
+            return Err(InsertError::Exists);
+        }
+        let e = s.slab[slot].as_mut().expect("reserved slot");
+        e.rep = rep;
+        e.flags &= !PENDING;
+        let hasher = &self.hasher;
+        s.index
+            .insert_unique(fh, (entry.fwd, slot as u32), |(k, _)| hasher.hash_one(k));
+        Ok(Inserted {
+            rep,
+            evicted: was_evicted,
+        })
+    }
+
+    /// Inserts link `rep -> link` unless `rep` is in use by a live flow.
+    fn claim(&self, now: Time, rep: FlowKey, link: u32) -> bool {
+        for attempt in 0..2 {
+            let h = self.hash(&rep);
+            {
+                let mut s = self.shards[self.shard_index(h)].lock();
+                match s.index.find(h, |(k, _)| *k == rep) {
+                    None => {
+                        let hasher = &self.hasher;
+                        s.index
+                            .insert_unique(h, (rep, link), |(k, _)| hasher.hash_one(k));
+                        return true;
+                    }
+                    Some(&(_, v)) if v & LINK == 0 => return false,
+                    Some(_) => {}
+                }
+            }
+            // A link: `with_flow` removes it if its flow is dead; then retry once.
+            if attempt == 1 || self.with_flow(now, &rep, |_, _| ()).is_some() {
+                return false;
+            }
+        }
+        false
+    }
+
+    /// Removes the flow whose forward key is `fwd`.
+    pub fn remove(&self, fwd: &FlowKey) -> Option<Entry> {
+        let h = self.hash(fwd);
+        let si = self.shard_index(h);
+        let mut s = self.shards[si].lock();
+        let slot = s
+            .index
+            .find(h, |(k, v)| k == fwd && v & LINK == 0)
+            .map(|&(_, v)| v as usize)?;
+        let dead = s.remove_slot(slot, h);
+        drop(s);
+        self.unlink(&dead.rep, si, slot);
+        Some(dead)
+    }
+
+    /// Removes expired flows from the next shard in turn; returns how many.
+    /// `scratch` is reused between calls so the sweep does not allocate.
+    pub fn sweep(&self, now: Time, scratch: &mut Vec<(FlowKey, usize)>) -> usize {
+        let now_s = secs(now);
+        let si = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+        scratch.clear();
+        {
+            let mut s = self.shards[si].lock();
+            for slot in 0..s.slab.len() {
+                let Some(e) = s.slab[slot] else { continue };
+                if e.expired(now_s) && !e.pending() {
+                    let dead = s.remove_slot(slot, self.hash(&e.fwd));
+                    scratch.push((dead.rep, slot));
+                }
+            }
+        }
+        for (rep, slot) in scratch.iter() {
+            self.unlink(rep, si, *slot);
+        }
+        scratch.len()
+    }
+
+    /// Live flows (locks every shard briefly; for metrics, not the hot path).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().live).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Shard {
+    fn alloc(&mut self, e: Entry) -> usize {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(e);
+                i as usize
+            }
+            None => {
+                self.slab.push(Some(e));
+                self.slab.len() - 1
+            }
+        }
+    }
+
+    fn free_slot(&mut self, slot: usize) {
+        self.slab[slot] = None;
+        self.free.push(slot as u32);
+        self.live -= 1;
+    }
+
+    /// Removes the entry in `slot` (whose forward key hashes to `h`) from the
+    /// slab and the index; the caller unlinks its reply key.
+    fn remove_slot(&mut self, slot: usize, h: u64) -> Entry {
+        let e = self.slab[slot].expect("removing a live slot");
+        if let Ok(occ) = self
+            .index
+            .find_entry(h, |(k, v)| *k == e.fwd && *v == slot as u32)
+        {
+            occ.remove();
+        }
+        self.free_slot(slot);
+        e
+    }
+
+    fn victim(&mut self, now_s: u32) -> Option<usize> {
+        let n = self.slab.len();
+        if n == 0 {
+            return None;
+        }
+        let mut best: Option<(u8, u32, usize)> = None;
+        let mut looked = 0;
+        // Look at EVICTION_SAMPLE slots; if none of them is expendable, keep
+        // looking (up to 4x) before giving up an established flow.
+        for k in 0..(4 * EVICTION_SAMPLE).min(n) {
+            if k >= EVICTION_SAMPLE && best.is_some_and(|b| b.0 < 2) {
+                break;
+            }
+            looked = k + 1;
+            let i = (self.hand + k) % n;
+            let Some(e) = &self.slab[i] else { continue };
+            if e.pending() {
+                continue;
+            }
+            let rank = if e.expired(now_s) {
+                0
+            } else if e.state.is_disposable() {
+                1
+            } else {
+                2
+            };
+            let cand = (rank, e.expires, i);
+            if best.is_none_or(|b| (cand.0, cand.1) < (b.0, b.1)) {
+                best = Some(cand);
+            }
+            if rank == 0 {
+                break;
+            }
+        }
+        self.hand = (self.hand + looked) % n;
+        if best.is_none() {
+            // The sample was all free or pending slots: scan for any live one.
+            return self
+                .slab
+                .iter()
+                .position(|e| e.is_some_and(|e| !e.pending()));
+        }
+        best.map(|b| b.2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::{Endpoint, Proto};
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    fn key(a: u8, ap: u16, b: u8, bp: u16) -> FlowKey {
+        FlowKey::new(
+            Endpoint::new(Ipv4Addr::new(10, 0, 0, a), ap),
+            Endpoint::new(Ipv4Addr::new(10, 0, 1, b), bp),
+            Proto::Tcp,
+        )
+    }
+
+    fn ct(capacity: usize) -> Conntrack {
+        Conntrack::new(CtConfig {
+            capacity,
+            ..CtConfig::default()
+        })
+    }
+
+    fn add(
+        c: &Conntrack,
+        now: Time,
+        fwd: FlowKey,
+        rep: FlowKey,
+        state: CtState,
+    ) -> Result<Inserted, InsertError> {
+        c.insert(now, Entry::new(fwd, rep, SvcId(1), 0, state), |i| {
+            (i == 0).then_some(rep)
+        })
+    }
+
+    #[test]
+    fn finds_both_directions() {
+        let c = ct(1000);
+        let (f, r) = (key(1, 1000, 1, 80), key(9, 8080, 1, 1000));
+        add(&c, Time::ZERO, f, r, CtState::Established).unwrap();
+        assert_eq!(
+            c.with_flow(Time::ZERO, &f, |d, e| (d, e.rep)),
+            Some((Dir::Forward, r))
+        );
+        assert_eq!(
+            c.with_flow(Time::ZERO, &r, |d, e| (d, e.fwd)),
+            Some((Dir::Reply, f))
+        );
+        assert_eq!(c.with_flow(Time::ZERO, &key(2, 1, 1, 80), |_, _| ()), None);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn duplicate_forward_and_reply_keys_are_refused() {
+        let c = ct(1000);
+        let (f, r) = (key(1, 1000, 1, 80), key(9, 8080, 1, 1000));
+        add(&c, Time::ZERO, f, r, CtState::Established).unwrap();
+        assert_eq!(
+            add(&c, Time::ZERO, f, key(8, 1, 1, 1), CtState::Established),
+            Err(InsertError::Exists)
+        );
+        // A second flow that would produce the same reply tuple takes the next candidate.
+        let f2 = key(1, 1000, 2, 80);
+        let r2 = key(9, 8080, 1, 1001);
+        let got = c
+            .insert(
+                Time::ZERO,
+                Entry::new(f2, r, SvcId(2), 0, CtState::Established),
+                |i| match i {
+                    0 => Some(r),
+                    1 => Some(r2),
+                    _ => None,
+                },
+            )
+            .unwrap();
+        assert_eq!(got.rep, r2);
+        assert_eq!(c.len(), 2);
+        // No candidate at all: refused, nothing left behind.
+        let f3 = key(1, 1000, 3, 80);
+        assert_eq!(
+            c.insert(
+                Time::ZERO,
+                Entry::new(f3, r, SvcId(2), 0, CtState::Established),
+                |i| (i == 0).then_some(r)
+            ),
+            Err(InsertError::NoReplyTuple)
+        );
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn entries_expire_by_the_time_passed_in() {
+        let c = ct(1000);
+        let (f, r) = (key(1, 1000, 1, 80), key(9, 8080, 1, 1000));
+        add(&c, Time::ZERO, f, r, CtState::SynSent).unwrap();
+        let syn = c.timeouts().tcp_syn_sent;
+        assert!(c
+            .with_flow(Time::ZERO + (syn - Duration::from_secs(1)), &r, |_, _| ())
+            .is_some());
+        assert!(c.with_flow(Time::ZERO + syn, &r, |_, _| ()).is_none());
+        assert_eq!(c.len(), 0);
+        // Its reply tuple is free again.
+        add(&c, Time::ZERO + syn, key(2, 1, 1, 80), r, CtState::SynSent).unwrap();
+    }
+
+    #[test]
+    fn sweep_removes_expired_entries_and_links() {
+        let c = ct(100);
+        for i in 0..50u16 {
+            add(
+                &c,
+                Time::ZERO,
+                key(1, 1000 + i, 1, 80),
+                key(9, 8080, 1, 1000 + i),
+                CtState::UdpUnreplied,
+            )
+            .unwrap();
+        }
+        let later = Time::ZERO + c.timeouts().udp;
+        let mut scratch = Vec::new();
+        let mut removed = 0;
+        for _ in 0..c.shards.len() {
+            removed += c.sweep(later, &mut scratch);
+        }
+        assert_eq!(removed, 50);
+        assert!(c.is_empty());
+        for s in c.shards.iter() {
+            assert_eq!(s.lock().index.len(), 0, "links were left behind");
+        }
+    }
+
+    #[test]
+    fn eviction_prefers_half_open_flows() {
+        let c = ct(64);
+        let per = c.per_shard;
+        // Fill with established flows, then flood with SYNs.
+        let mut established = Vec::new();
+        for i in 0..(per as u16 / 2) {
+            let f = key(1, 2000 + i, 1, 80);
+            add(
+                &c,
+                Time::ZERO,
+                f,
+                key(9, 80, 1, 2000 + i),
+                CtState::Established,
+            )
+            .unwrap();
+            established.push(f);
+        }
+        let mut evictions = 0;
+        for i in 0..(per as u16 * 4) {
+            let f = key(2, 3000 + i, 1, 80);
+            if add(&c, Time::ZERO, f, key(9, 80, 2, 3000 + i), CtState::SynSent)
+                .unwrap()
+                .evicted
+            {
+                evictions += 1;
+            }
+        }
+        assert!(evictions > 0);
+        assert!(c.len() <= c.capacity());
+        let survivors = established
+            .iter()
+            .filter(|f| c.with_flow(Time::ZERO, f, |_, _| ()).is_some())
+            .count();
+        assert_eq!(
+            survivors,
+            established.len(),
+            "a SYN flood evicted established flows"
+        );
+    }
+
+    #[test]
+    fn remove_drops_both_keys() {
+        let c = ct(1000);
+        let (f, r) = (key(1, 1000, 1, 80), key(9, 8080, 1, 1000));
+        add(&c, Time::ZERO, f, r, CtState::Established).unwrap();
+        assert!(c.remove(&f).is_some());
+        assert!(c.with_flow(Time::ZERO, &r, |_, _| ()).is_none());
+        assert!(c.remove(&f).is_none());
+        add(&c, Time::ZERO, key(3, 1, 1, 80), r, CtState::Established).unwrap();
+    }
+
+    #[test]
+    fn entry_is_48_bytes() {
+        assert_eq!(std::mem::size_of::<Option<Entry>>(), 48);
+    }
+}

@@ -1,0 +1,37 @@
+//! Per-flow mutable state shared by all workers: connection tracking and
+//! session affinity.
+//!
+//! Both are sharded hash tables behind short per-shard mutexes. A reply can
+//! arrive on any worker (RSS hashes the NATed reply tuple independently of
+//! the request's), so per-worker tables would miss it; a shared table with
+//! many shards keeps contention negligible (two workers collide on a shard
+//! with probability 1/shards per packet) and needs no steering tricks.
+//! Rejected alternatives: per-worker tables plus reply steering in XDP
+//! (needs the SNAT port to encode the worker, and breaks for DNAT-only
+//! flows); a fully lock-free open-addressing table (harder to make evict
+//! correctly, for little gain at these core counts).
+
+pub mod affinity;
+pub mod conntrack;
+pub mod key;
+pub mod tcp;
+
+pub use affinity::Affinity;
+pub use conntrack::{Conntrack, CtConfig, Dir, Entry};
+pub use key::FlowKey;
+pub use tcp::{CtState, Timeouts};
+
+/// The shared flow state one node's workers use.
+pub struct FlowState {
+    pub conntrack: Conntrack,
+    pub affinity: Affinity,
+}
+
+impl FlowState {
+    pub fn new(config: CtConfig) -> Self {
+        FlowState {
+            conntrack: Conntrack::new(config),
+            affinity: Affinity::new(config.affinity_capacity),
+        }
+    }
+}

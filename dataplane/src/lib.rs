@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod craft;
 pub mod engine;
 pub mod flow;
 pub mod frame;

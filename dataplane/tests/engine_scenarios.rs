@@ -1,0 +1,913 @@
+//! One scenario per point of the engine's contract (issue #2), driven
+//! through `Worker::process` on the one-node topology in `support`.
+//! Every transmitted frame is checked for valid IPv4 and L4 checksums.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use dataplane::addr::{Proto, SvcId};
+use dataplane::craft::{self, Spec};
+use dataplane::flow::CtConfig;
+use dataplane::tables::{ChecksumPolicy, ServiceSpec};
+use dataplane::wire::icmp::{CODE_FRAGMENTATION_NEEDED, TYPE_DEST_UNREACHABLE};
+use dataplane::wire::l4::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use dataplane::wire::{ipv4, l4 as wl4};
+use dataplane::{DropReason, Verdict};
+use support::*;
+
+fn only(s: &mut ServiceSpec, eps: Vec<dataplane::tables::EndpointInfo>) {
+    s.endpoints = eps;
+}
+
+fn web_on_a(proto: Proto) -> ServiceSpec {
+    let mut s = web(proto);
+    only(&mut s, vec![ep(POD_A, 8080, true)]);
+    s
+}
+
+fn from_pod_b(lab: &mut Lab, spec: Spec) -> Out {
+    lab.send(PORT_B, &spec.macs(POD_B_MAC, PORT_B_MAC).build())
+}
+
+fn from_pod_a(lab: &mut Lab, spec: Spec) -> Out {
+    lab.send(PORT_A, &spec.macs(POD_A_MAC, PORT_A_MAC).build())
+}
+
+// ---- 1. parsing ----
+
+#[test]
+fn non_ipv4_and_fragments_pass_to_the_kernel_untouched() {
+    let mut lab = Lab::new(&[web(Proto::Tcp)]);
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&GW_MAC.0);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.resize(60, 0);
+    assert_eq!(lab.send(UPLINK, &arp).verdict, Verdict::Pass);
+    let mut v6 = arp.clone();
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    assert_eq!(lab.send(UPLINK, &v6).verdict, Verdict::Pass);
+    // A first fragment to the ClusterIP: the kernel reassembles, kxp does not mangle.
+    let mut frag = tcp((POD_B, 4000), (CLUSTER_IP, 80), TCP_SYN)
+        .macs(POD_B_MAC, PORT_B_MAC)
+        .build();
+    frag[14 + 6] = 0x20; // MF
+    let frag = fix_ip_checksum(&frag);
+    let out = lab.send(PORT_B, &frag);
+    assert_eq!(out.verdict, Verdict::Pass);
+    assert_eq!(out.bytes, frag);
+    // SSH to the node is not kxp's.
+    assert_eq!(
+        lab.from_client(tcp((CLIENT_IP, 5555), (NODE_IP, 22), TCP_SYN))
+            .verdict,
+        Verdict::Pass
+    );
+}
+
+fn fix_ip_checksum(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    f[24] = 0;
+    f[25] = 0;
+    let c = dataplane::wire::checksum::finish(dataplane::wire::checksum::sum(&f[14..14 + ihl]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn malformed_frames_are_dropped_with_a_reason_never_a_panic() {
+    let mut lab = Lab::new(&[web(Proto::Tcp)]);
+    let good = tcp((POD_B, 4000), (CLUSTER_IP, 80), TCP_SYN)
+        .macs(POD_B_MAC, PORT_B_MAC)
+        .build();
+    let cases: Vec<(Vec<u8>, DropReason)> = vec![
+        (good[..10].to_vec(), DropReason::TruncatedEthernet),
+        (good[..30].to_vec(), DropReason::TruncatedIpv4),
+        (good[..40].to_vec(), DropReason::TruncatedIpv4),
+        (
+            {
+                let mut b = good.clone();
+                b[24] ^= 0xff;
+                b
+            },
+            DropReason::BadIpv4Checksum,
+        ),
+        (
+            {
+                let mut b = good.clone();
+                b[14] = 0x43;
+                b
+            },
+            DropReason::BadIpv4Header,
+        ),
+        (
+            {
+                // TCP data offset beyond the segment.
+                let mut b = good.clone();
+                b[14 + 20 + 12] = 0xf0;
+                b
+            },
+            DropReason::TruncatedL4,
+        ),
+    ];
+    for (frame, reason) in cases {
+        assert_eq!(lab.send(PORT_B, &frame).verdict, Verdict::Drop(reason));
+        assert!(lab.worker.stats.drop_count(reason) >= 1);
+    }
+}
+
+#[test]
+fn vlan_tagged_uplink_and_ip_options_are_handled() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    let mut n = node_config();
+    n.ports[0].vlan = Some(100);
+    lab.update(|t| t.set_node(n));
+    let mut syn = tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN);
+    syn.vlan = Some(100);
+    let out = lab.from_client(syn);
+    assert_eq!(out.tx_port(), PORT_A);
+    let s = out.seen();
+    assert_eq!((s.vlan, s.dst, s.ports.1), (None, POD_A, 8080));
+    let back = from_pod_a(
+        &mut lab,
+        tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK),
+    );
+    assert_eq!(back.tx_port(), UPLINK);
+    let r = back.seen();
+    assert_eq!(
+        (r.vlan, r.src, r.ports.0, r.dst, r.dst_mac),
+        (Some(100), NODE_IP, 30080, CLIENT_IP, GW_MAC)
+    );
+
+    // IPv4 options: a 24-byte header still gets NATed.
+    let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    let plain = udp((POD_B, 4000), (CLUSTER_IP, 80))
+        .macs(POD_B_MAC, PORT_B_MAC)
+        .build();
+    let mut opt = plain[..34].to_vec();
+    opt.extend_from_slice(&[1, 1, 1, 0]);
+    opt.extend_from_slice(&plain[34..]);
+    opt[14] = 0x46;
+    let total = (opt.len() - 14) as u16;
+    opt[16..18].copy_from_slice(&total.to_be_bytes());
+    let opt = fix_ip_checksum(&opt);
+    let out = lab.send(PORT_B, &opt);
+    assert_eq!(out.tx_port(), PORT_A);
+    assert_eq!(out.seen().dst, POD_A);
+}
+
+// ---- 2. services and reverse NAT ----
+
+#[test]
+fn clusterip_tcp_dnat_and_reverse_nat() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    let out = from_pod_b(&mut lab, tcp((POD_B, 40000), (CLUSTER_IP, 80), TCP_SYN));
+    assert_eq!(out.tx_port(), PORT_A);
+    let s = out.seen();
+    assert_eq!(
+        (s.src, s.ports.0, s.dst, s.ports.1),
+        (POD_B, 40000, POD_A, 8080),
+        "pod source kept, DNAT to backend"
+    );
+    assert_eq!((s.dst_mac, s.src_mac, s.ttl), (POD_A_MAC, PORT_A_MAC, 63));
+    let back = from_pod_a(
+        &mut lab,
+        tcp((POD_A, 8080), (POD_B, 40000), TCP_SYN | TCP_ACK),
+    );
+    assert_eq!(back.tx_port(), PORT_B);
+    let r = back.seen();
+    assert_eq!(
+        (r.src, r.ports.0, r.dst, r.ports.1),
+        (CLUSTER_IP, 80, POD_B, 40000)
+    );
+    assert_eq!(r.dst_mac, POD_B_MAC);
+}
+
+#[test]
+fn clusterip_udp_dnat_and_reverse_nat() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    let s = from_pod_b(&mut lab, udp((POD_B, 5353), (CLUSTER_IP, 80))).seen();
+    assert_eq!((s.dst, s.ports.1), (POD_A, 8080));
+    let r = from_pod_a(&mut lab, udp((POD_A, 8080), (POD_B, 5353))).seen();
+    assert_eq!(
+        (r.src, r.ports.0, r.dst, r.ports.1),
+        (CLUSTER_IP, 80, POD_B, 5353)
+    );
+}
+
+#[test]
+fn nodeport_loadbalancer_and_external_ips_reach_the_service() {
+    for (dst, port) in [(NODE_IP, 30080), (LB_IP, 80), (EXTERNAL_IP, 80)] {
+        let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+        let out = lab.from_client(tcp((CLIENT_IP, 5000), (dst, port), TCP_SYN));
+        assert_eq!(out.tx_port(), PORT_A, "{dst}:{port}");
+        let s = out.seen();
+        assert_eq!((s.dst, s.ports.1), (POD_A, 8080));
+        assert_eq!(s.src, NODE_IP, "eTP=Cluster SNATs to the node");
+        let r = from_pod_a(
+            &mut lab,
+            tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK),
+        )
+        .seen();
+        assert_eq!(
+            (r.src, r.ports.0, r.dst, r.ports.1),
+            (dst, port, CLIENT_IP, 5000)
+        );
+        assert_eq!(r.dst_mac, GW_MAC, "off-subnet client goes via the gateway");
+    }
+    // A NodePort on an address that is not the node's is not a service.
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    assert_eq!(
+        lab.from_client(tcp((CLIENT_IP, 5000), (EXT_IP, 30080), TCP_SYN))
+            .verdict,
+        Verdict::Pass
+    );
+}
+
+// ---- 3. Maglev over ready endpoints, terminating fallback ----
+
+fn four_remote(proto: Proto) -> ServiceSpec {
+    let mut s = web(proto);
+    only(
+        &mut s,
+        (10..14)
+            .map(|i| ep(Ipv4Addr::new(10, 244, 2, i), 8080, false))
+            .collect(),
+    );
+    s
+}
+
+fn backend_of(out: &Out) -> Ipv4Addr {
+    let (_, _, inner) = craft::unwrap_vxlan(&out.bytes).unwrap();
+    craft::inspect(inner).unwrap().dst
+}
+
+#[test]
+fn new_flows_spread_over_all_ready_endpoints() {
+    let mut lab = Lab::new(&[four_remote(Proto::Tcp)]);
+    let mut per: HashMap<Ipv4Addr, usize> = HashMap::new();
+    for p in 0..400u16 {
+        let out = from_pod_b(&mut lab, tcp((POD_B, 20000 + p), (CLUSTER_IP, 80), TCP_SYN));
+        *per.entry(backend_of(&out)).or_default() += 1;
+    }
+    assert_eq!(per.len(), 4);
+    assert!(per.values().all(|&c| c >= 60), "uneven spread {per:?}");
+}
+
+#[test]
+fn terminating_serving_endpoints_are_used_only_when_none_is_ready() {
+    let mut s = four_remote(Proto::Tcp);
+    for e in &mut s.endpoints {
+        e.ready = false;
+        e.serving = false;
+    }
+    s.endpoints[2].serving = true;
+    s.endpoints[2].terminating = true;
+    let mut lab = Lab::new(&[s]);
+    for p in 0..20u16 {
+        let out = from_pod_b(&mut lab, tcp((POD_B, 20000 + p), (CLUSTER_IP, 80), TCP_SYN));
+        assert_eq!(backend_of(&out), Ipv4Addr::new(10, 244, 2, 12));
+    }
+}
+
+// ---- 4. session affinity ----
+
+#[test]
+fn client_ip_affinity_holds_until_timeout_then_may_move() {
+    let mut s = four_remote(Proto::Tcp);
+    s.affinity = Some(Duration::from_secs(10));
+    let mut lab = Lab::new(&[s]);
+    let mut moved = false;
+    let mut port = 10000u16;
+    for _round in 0..20 {
+        let mut seen = HashSet::new();
+        for _ in 0..25 {
+            port += 1;
+            let out = lab.from_client(tcp((CLIENT_IP, port), (CLUSTER_IP, 80), TCP_SYN));
+            seen.insert(backend_of(&out));
+            lab.advance(Duration::from_millis(300)); // within the timeout
+        }
+        assert_eq!(seen.len(), 1, "affinity broken within the timeout");
+        let before = *seen.iter().next().unwrap();
+        lab.advance(Duration::from_secs(11));
+        port += 1;
+        let after = backend_of(&lab.from_client(tcp((CLIENT_IP, port), (CLUSTER_IP, 80), TCP_SYN)));
+        moved |= after != before;
+    }
+    assert!(moved, "after the timeout a client must be free to move");
+    // Without affinity the same client spreads.
+    let mut lab = Lab::new(&[four_remote(Proto::Tcp)]);
+    let spread: HashSet<_> = (0..50u16)
+        .map(|p| {
+            backend_of(&lab.from_client(tcp((CLIENT_IP, 30000 + p), (CLUSTER_IP, 80), TCP_SYN)))
+        })
+        .collect();
+    assert!(spread.len() >= 3);
+}
+
+#[test]
+fn affinity_default_timeout_is_three_hours() {
+    assert_eq!(
+        dataplane::tables::service::DEFAULT_AFFINITY_TIMEOUT,
+        Duration::from_secs(10800)
+    );
+}
+
+// ---- 5. traffic policies and SNAT ports ----
+
+#[test]
+fn etp_local_preserves_client_ip_and_uses_local_endpoints_only() {
+    let mut s = web(Proto::Tcp); // pod A local + remote pod
+    s.external_local = true;
+    let mut lab = Lab::new(&[s.clone()]);
+    for p in 0..30u16 {
+        let out = lab.from_client(tcp((CLIENT_IP, 7000 + p), (NODE_IP, 30080), TCP_SYN));
+        assert_eq!(out.tx_port(), PORT_A);
+        let seen = out.seen();
+        assert_eq!(
+            (seen.src, seen.ports.0),
+            (CLIENT_IP, 7000 + p),
+            "client source must be preserved"
+        );
+    }
+    // Reply goes straight back to the client with the NodePort as source.
+    let r = from_pod_a(
+        &mut lab,
+        tcp((POD_A, 8080), (CLIENT_IP, 7000), TCP_SYN | TCP_ACK),
+    )
+    .seen();
+    assert_eq!((r.src, r.ports.0, r.dst), (NODE_IP, 30080, CLIENT_IP));
+    // No local endpoint: dropped, like kube-proxy.
+    only(&mut s, vec![ep(REMOTE_POD, 8080, false)]);
+    let mut lab = Lab::new(&[s]);
+    let out = lab.from_client(tcp((CLIENT_IP, 7000), (NODE_IP, 30080), TCP_SYN));
+    assert_eq!(out.verdict, Verdict::Drop(DropReason::NoLocalEndpoint));
+    // Pods inside the cluster still reach it through all endpoints.
+    let out = from_pod_b(&mut lab, tcp((POD_B, 7000), (LB_IP, 80), TCP_SYN));
+    assert_eq!(out.tx_port(), UPLINK);
+}
+
+#[test]
+fn itp_local_uses_local_endpoints_for_clusterip_traffic() {
+    let mut s = web(Proto::Tcp);
+    s.internal_local = true;
+    let mut lab = Lab::new(&[s.clone()]);
+    for p in 0..30u16 {
+        assert_eq!(
+            from_pod_b(&mut lab, tcp((POD_B, 7000 + p), (CLUSTER_IP, 80), TCP_SYN)).tx_port(),
+            PORT_A
+        );
+    }
+    only(&mut s, vec![ep(REMOTE_POD, 8080, false)]);
+    let mut lab = Lab::new(&[s]);
+    let out = from_pod_b(&mut lab, tcp((POD_B, 7000), (CLUSTER_IP, 80), TCP_SYN));
+    assert_eq!(out.verdict, Verdict::Drop(DropReason::NoLocalEndpoint));
+}
+
+#[test]
+fn snat_ports_never_collide_between_live_flows() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    let mut ports = HashSet::new();
+    // 300 clients that all use source port 40000 toward one backend.
+    for i in 0..300u32 {
+        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(203, 0, 113, 0)) + i);
+        let s = lab
+            .from_client(udp((client, 40000), (NODE_IP, 30080)))
+            .seen();
+        assert_eq!(s.src, NODE_IP);
+        assert!(
+            (1024..=29999).contains(&s.ports.0),
+            "SNAT port {} outside the range",
+            s.ports.0
+        );
+        assert!(ports.insert(s.ports.0), "SNAT port {} reused", s.ports.0);
+    }
+    // Each reply finds its own client.
+    for (i, p) in ports.iter().enumerate().take(20) {
+        let r = from_pod_a(&mut lab, udp((POD_A, 8080), (NODE_IP, *p))).seen();
+        let idx = u32::from(r.dst).wrapping_sub(u32::from(Ipv4Addr::new(203, 0, 113, 0)));
+        assert!(idx < 300 && r.ports.1 == 40000, "reply {i} lost: {r:?}");
+    }
+}
+
+#[test]
+fn same_client_tuple_to_two_services_on_one_backend_gets_distinct_reply_tuples() {
+    let a = web_on_a(Proto::Udp);
+    let mut b = ServiceSpec::cluster_ip(
+        SvcId(2),
+        "ns/other:dns",
+        Ipv4Addr::new(10, 96, 0, 11),
+        80,
+        Proto::Udp,
+    );
+    b.endpoints = vec![ep(POD_A, 8080, true)];
+    let mut lab = Lab::new(&[a, b]);
+    let x = from_pod_b(&mut lab, udp((POD_B, 5000), (CLUSTER_IP, 80))).seen();
+    let y = from_pod_b(
+        &mut lab,
+        udp((POD_B, 5000), (Ipv4Addr::new(10, 96, 0, 11), 80)),
+    )
+    .seen();
+    assert_eq!((x.src, x.ports.0), (POD_B, 5000));
+    assert_eq!(y.src, POD_B);
+    assert_ne!(y.ports.0, 5000, "second flow needs its own reply tuple");
+    let rx = from_pod_a(&mut lab, udp((POD_A, 8080), (POD_B, 5000))).seen();
+    let ry = from_pod_a(&mut lab, udp((POD_A, 8080), (POD_B, y.ports.0))).seen();
+    assert_eq!((rx.src, rx.ports.1), (CLUSTER_IP, 5000));
+    assert_eq!((ry.src, ry.ports.1), (Ipv4Addr::new(10, 96, 0, 11), 5000));
+}
+
+// ---- 6. hairpin and masquerade ----
+
+#[test]
+fn hairpin_is_snated_so_the_reply_returns_through_kxp() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    let out = from_pod_a(&mut lab, tcp((POD_A, 33000), (CLUSTER_IP, 80), TCP_SYN));
+    assert_eq!(out.tx_port(), PORT_A);
+    let s = out.seen();
+    assert_eq!((s.src, s.dst, s.ports.1), (NODE_IP, POD_A, 8080));
+    let r = from_pod_a(
+        &mut lab,
+        tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK),
+    )
+    .seen();
+    assert_eq!(
+        (r.src, r.ports.0, r.dst, r.ports.1),
+        (CLUSTER_IP, 80, POD_A, 33000)
+    );
+}
+
+#[test]
+fn sources_outside_the_cluster_cidr_are_masqueraded_to_a_clusterip() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    let s = lab
+        .send(
+            UPLINK,
+            &tcp((EXT_IP, 6000), (CLUSTER_IP, 80), TCP_SYN)
+                .macs(EXT_MAC, UPLINK_MAC)
+                .build(),
+        )
+        .seen();
+    assert_eq!(s.src, NODE_IP);
+    let r = from_pod_a(
+        &mut lab,
+        tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK),
+    )
+    .seen();
+    assert_eq!(
+        (r.dst, r.ports.1, r.dst_mac),
+        (EXT_IP, 6000, EXT_MAC),
+        "on-subnet client reached directly"
+    );
+}
+
+// ---- 7. no endpoints ----
+
+#[test]
+fn service_without_endpoints_answers_port_unreachable_rate_limited() {
+    let mut s = web(Proto::Udp);
+    s.endpoints.clear();
+    let mut t = web(Proto::Tcp);
+    t.id = SvcId(2);
+    t.node_port = None;
+    t.endpoints.clear();
+    let mut lab = Lab::new(&[s, t]);
+    let probe = udp((POD_B, 5353), (CLUSTER_IP, 80))
+        .macs(POD_B_MAC, PORT_B_MAC)
+        .build();
+    let out = lab.send(PORT_B, &probe);
+    assert_eq!(
+        out.tx_port(),
+        PORT_B,
+        "answered back out of the ingress port"
+    );
+    let s = out.seen();
+    assert_eq!((s.proto, s.ports), (1, (3, 3)), "ICMP port unreachable");
+    assert_eq!(
+        (s.src, s.dst, s.dst_mac, s.src_mac),
+        (CLUSTER_IP, POD_B, POD_B_MAC, PORT_B_MAC)
+    );
+    let quoted = &out.bytes[14 + 28..];
+    assert_eq!(quoted, &probe[14..], "quotes the offending datagram");
+    // TCP too (kube-proxy's REJECT uses ICMP for both).
+    let t = from_pod_b(&mut lab, tcp((POD_B, 4000), (CLUSTER_IP, 80), TCP_SYN)).seen();
+    assert_eq!(t.ports, (3, 3));
+    // Rate limited: a flood gets at most the burst.
+    let answered = (0..500)
+        .filter(|_| matches!(lab.send(PORT_B, &probe).verdict, Verdict::Tx(_)))
+        .count();
+    assert!(answered <= 50, "{answered} answers");
+    assert!(lab.worker.stats.drop_count(DropReason::RejectRateLimited) >= 450);
+    lab.advance(Duration::from_secs(1));
+    assert!(
+        matches!(lab.send(PORT_B, &probe).verdict, Verdict::Tx(_)),
+        "limit refills with time"
+    );
+}
+
+// ---- 8. conntrack ----
+
+#[test]
+fn half_open_flows_expire_and_established_ones_persist() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    from_pod_b(&mut lab, tcp((POD_B, 1111), (CLUSTER_IP, 80), TCP_SYN));
+    lab.advance(Duration::from_secs(121));
+    // The SYN-ACK arrives too late: no flow, so it is not translated.
+    let late = from_pod_a(
+        &mut lab,
+        tcp((POD_A, 8080), (POD_B, 1111), TCP_SYN | TCP_ACK),
+    );
+    assert_eq!(late.verdict, Verdict::Pass);
+
+    from_pod_b(&mut lab, tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_SYN));
+    from_pod_a(
+        &mut lab,
+        tcp((POD_A, 8080), (POD_B, 2222), TCP_SYN | TCP_ACK),
+    );
+    from_pod_b(&mut lab, tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_ACK));
+    lab.advance(Duration::from_secs(6 * 3600));
+    let data = from_pod_b(&mut lab, tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_ACK));
+    assert_eq!(
+        data.seen().dst,
+        POD_A,
+        "established flow survives 6 idle hours"
+    );
+    // After both FINs it lingers only for TIME_WAIT.
+    from_pod_b(
+        &mut lab,
+        tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_ACK | TCP_FIN),
+    );
+    from_pod_a(
+        &mut lab,
+        tcp((POD_A, 8080), (POD_B, 2222), TCP_ACK | TCP_FIN),
+    );
+    lab.advance(Duration::from_secs(121));
+    assert_eq!(
+        from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 2222), TCP_ACK)).verdict,
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn udp_flows_expire_after_the_udp_timeout() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    from_pod_b(&mut lab, udp((POD_B, 3333), (CLUSTER_IP, 80)));
+    lab.advance(Duration::from_secs(31));
+    assert_eq!(
+        from_pod_a(&mut lab, udp((POD_A, 8080), (POD_B, 3333))).verdict,
+        Verdict::Pass
+    );
+    assert_eq!(lab.worker.flows().conntrack.len(), 0);
+}
+
+fn two_backends(proto: Proto) -> ServiceSpec {
+    let mut s = web(proto);
+    only(&mut s, vec![ep(POD_A, 8080, true), ep(POD_B, 8080, true)]);
+    s
+}
+
+/// Finds a client port whose flow lands on pod A.
+fn flow_to_a(lab: &mut Lab, proto: Proto) -> u16 {
+    (20000..)
+        .find(|p| {
+            let spec = match proto {
+                Proto::Tcp => tcp((CLIENT_IP, *p), (CLUSTER_IP, 80), TCP_SYN),
+                Proto::Udp => udp((CLIENT_IP, *p), (CLUSTER_IP, 80)),
+            };
+            lab.from_client(spec).tx_port() == PORT_A
+        })
+        .unwrap()
+}
+
+#[test]
+fn udp_flow_moves_at_once_when_its_backend_leaves() {
+    let mut lab = Lab::new(&[two_backends(Proto::Udp)]);
+    let p = flow_to_a(&mut lab, Proto::Udp);
+    let mut s = two_backends(Proto::Udp);
+    only(&mut s, vec![ep(POD_B, 8080, true)]);
+    lab.update(|t| t.upsert_service(&s).unwrap());
+    let out = lab.from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)));
+    assert_eq!(
+        out.tx_port(),
+        PORT_B,
+        "stale UDP conntrack must not black-hole the flow"
+    );
+    assert_eq!(lab.worker.stats.flows_rebalanced, 1);
+    // And the new mapping is stable.
+    assert_eq!(
+        lab.from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)))
+            .tx_port(),
+        PORT_B
+    );
+    // A backend that stops serving (still listed) also loses its UDP flows.
+    let mut lab = Lab::new(&[two_backends(Proto::Udp)]);
+    let p = flow_to_a(&mut lab, Proto::Udp);
+    let mut s = two_backends(Proto::Udp);
+    s.endpoints[0].ready = false;
+    s.endpoints[0].serving = false;
+    lab.update(|t| t.upsert_service(&s).unwrap());
+    assert_eq!(
+        lab.from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)))
+            .tx_port(),
+        PORT_B
+    );
+}
+
+#[test]
+fn tcp_flow_is_reset_when_its_backend_leaves_and_kept_while_terminating() {
+    let mut lab = Lab::new(&[two_backends(Proto::Tcp)]);
+    let p = flow_to_a(&mut lab, Proto::Tcp);
+    // Terminating but listed: the connection keeps its backend.
+    let mut s = two_backends(Proto::Tcp);
+    s.endpoints[0].ready = false;
+    s.endpoints[0].terminating = true;
+    lab.update(|t| t.upsert_service(&s).unwrap());
+    let mut ack = tcp((CLIENT_IP, p), (CLUSTER_IP, 80), TCP_ACK);
+    ack.ack = 777;
+    assert_eq!(lab.from_client(ack.clone()).tx_port(), PORT_A);
+    // New connections avoid the terminating backend.
+    for q in 50000..50020u16 {
+        assert_eq!(
+            lab.from_client(tcp((CLIENT_IP, q), (CLUSTER_IP, 80), TCP_SYN))
+                .tx_port(),
+            PORT_B
+        );
+    }
+    // Removed: the client gets a RST right away.
+    only(&mut s, vec![ep(POD_B, 8080, true)]);
+    lab.update(|t| t.upsert_service(&s).unwrap());
+    let out = lab.from_client(ack);
+    assert_eq!(out.tx_port(), UPLINK);
+    let r = out.seen();
+    assert_eq!(r.tcp_flags, TCP_RST);
+    assert_eq!(
+        (r.src, r.ports.0, r.dst, r.ports.1, r.dst_mac),
+        (CLUSTER_IP, 80, CLIENT_IP, p, GW_MAC)
+    );
+    let seq = u32::from_be_bytes(out.bytes[r.ip_off + 24..r.ip_off + 28].try_into().unwrap());
+    assert_eq!(seq, 777, "RST sequence number is the segment's ACK");
+    assert_eq!(lab.worker.stats.flows_reset, 1);
+    // Reconnecting from the same port lands on the remaining backend.
+    assert_eq!(
+        lab.from_client(tcp((CLIENT_IP, p), (CLUSTER_IP, 80), TCP_SYN))
+            .tx_port(),
+        PORT_B
+    );
+}
+
+#[test]
+fn conntrack_is_bounded() {
+    let mut lab = Lab::with_config(
+        &[web_on_a(Proto::Udp)],
+        CtConfig {
+            capacity: 256,
+            ..CtConfig::default()
+        },
+    );
+    for i in 0..2000u32 {
+        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i);
+        lab.from_client(udp((client, 999), (CLUSTER_IP, 80)));
+    }
+    let ct = &lab.worker.flows().conntrack;
+    assert!(
+        ct.len() <= ct.capacity(),
+        "{} > {}",
+        ct.len(),
+        ct.capacity()
+    );
+    assert!(lab.worker.stats.ct_evictions > 0);
+}
+
+// ---- 9. ICMP errors through NAT ----
+
+#[test]
+fn fragmentation_needed_for_replies_reaches_the_backend() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    let s = lab
+        .from_client(tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN))
+        .seen();
+    let snat_port = s.ports.0;
+    // A router toward the client cannot forward our (translated) reply.
+    let reply_on_wire = tcp((NODE_IP, 30080), (CLIENT_IP, 5000), TCP_ACK).build();
+    let quoted = &reply_on_wire[14..14 + 28];
+    let err = craft::icmp_error(
+        (GW_MAC, UPLINK_MAC),
+        GW_IP,
+        NODE_IP,
+        TYPE_DEST_UNREACHABLE,
+        CODE_FRAGMENTATION_NEEDED,
+        1400,
+        quoted,
+    );
+    let out = lab.send(UPLINK, &err);
+    assert_eq!(out.tx_port(), PORT_A);
+    let o = out.seen();
+    assert_eq!((o.dst, o.ports), (POD_A, (3, 4)));
+    let q = o.ip_off + 28;
+    let qip = ipv4::parse_header(&out.bytes, q).expect("quoted header checksum valid");
+    assert_eq!((qip.src, qip.dst), (POD_A, NODE_IP));
+    let ports = (
+        u16::from_be_bytes([out.bytes[q + 20], out.bytes[q + 21]]),
+        u16::from_be_bytes([out.bytes[q + 22], out.bytes[q + 23]]),
+    );
+    assert_eq!(
+        ports,
+        (8080, snat_port),
+        "quoted packet is what the backend sent"
+    );
+    let mtu = u16::from_be_bytes([out.bytes[o.ip_off + 26], out.bytes[o.ip_off + 27]]);
+    assert_eq!(mtu, 1400);
+}
+
+#[test]
+fn icmp_errors_about_forwarded_packets_reach_the_client() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    let s = lab
+        .from_client(udp((CLIENT_IP, 5000), (NODE_IP, 30080)))
+        .seen();
+    // The backend's host answers "port unreachable" about our forwarded datagram.
+    let fwd_on_wire = udp((NODE_IP, s.ports.0), (POD_A, 8080)).build();
+    let err = craft::icmp_error(
+        (POD_A_MAC, PORT_A_MAC),
+        POD_A,
+        NODE_IP,
+        3,
+        3,
+        0,
+        &fwd_on_wire[14..],
+    );
+    let out = lab.send(PORT_A, &err);
+    assert_eq!(out.tx_port(), UPLINK);
+    let o = out.seen();
+    assert_eq!((o.src, o.dst, o.dst_mac), (POD_A, CLIENT_IP, GW_MAC));
+    let q = o.ip_off + 28;
+    let qip = ipv4::parse_header(&out.bytes, q).unwrap();
+    assert_eq!((qip.src, qip.dst), (CLIENT_IP, NODE_IP));
+    let qs = wl4::parse_quoted(&out.bytes, &qip, out.bytes.len())
+        .unwrap()
+        .unwrap();
+    assert_eq!((qs.src_port, qs.dst_port), (5000, 30080));
+    // The quoted UDP checksum was updated too (it is inside the quote).
+    let whole = out.bytes[q..].to_vec();
+    let qh = ipv4::parse(&whole, 0).unwrap();
+    let seg = wl4::parse(&whole, &qh).unwrap().unwrap();
+    assert!(wl4::checksum_valid(&whole, &qh, &seg));
+    assert_eq!(lab.worker.stats.icmp_translated, 1);
+}
+
+// ---- 10. overlay ----
+
+#[test]
+fn pod_traffic_to_another_node_is_vxlan_encapsulated() {
+    let mut lab = Lab::new(&[]);
+    let out = from_pod_b(&mut lab, tcp((POD_B, 4444), (REMOTE_POD, 9000), TCP_SYN));
+    assert_eq!(out.tx_port(), UPLINK);
+    let (outer, vni, inner) = craft::unwrap_vxlan(&out.bytes).unwrap();
+    assert_eq!(
+        (outer.src, outer.dst, outer.dst_mac, outer.src_mac),
+        (NODE_IP, N2_IP, N2_MAC, UPLINK_MAC)
+    );
+    assert_eq!(outer.ports.1, 8472);
+    assert!(outer.ports.0 >= 49152);
+    assert_eq!(vni, 1);
+    let i = craft::inspect(inner).unwrap();
+    assert_eq!(
+        (i.src, i.dst, i.ttl, i.dst_mac, i.src_mac),
+        (POD_B, REMOTE_POD, 63, N2_VTEP_MAC, VTEP_MAC)
+    );
+    assert!(i.checksums_ok);
+    // The same flow always uses the same outer source port (ECMP-stable).
+    let again = from_pod_b(&mut lab, tcp((POD_B, 4444), (REMOTE_POD, 9000), TCP_ACK));
+    assert_eq!(
+        craft::unwrap_vxlan(&again.bytes).unwrap().0.ports.0,
+        outer.ports.0
+    );
+    assert_eq!(lab.worker.stats.encapsulated, 2);
+}
+
+#[test]
+fn vxlan_for_this_node_is_decapsulated_and_delivered() {
+    let mut lab = Lab::new(&[]);
+    let inner = tcp((REMOTE_POD, 9000), (POD_A, 4444), TCP_SYN)
+        .macs(N2_VTEP_MAC, VTEP_MAC)
+        .build();
+    let frame = craft::vxlan((N2_MAC, UPLINK_MAC), N2_IP, NODE_IP, 8472, 1, &inner);
+    let out = lab.send(UPLINK, &frame);
+    assert_eq!(out.tx_port(), PORT_A);
+    let s = out.seen();
+    assert_eq!(
+        (s.src, s.dst, s.ttl, s.dst_mac),
+        (REMOTE_POD, POD_A, 63, POD_A_MAC)
+    );
+    // Wrong VNI, or an inner TTL of 1: dropped and counted.
+    let wrong = craft::vxlan((N2_MAC, UPLINK_MAC), N2_IP, NODE_IP, 8472, 2, &inner);
+    assert_eq!(
+        lab.send(UPLINK, &wrong).verdict,
+        Verdict::Drop(DropReason::WrongVni)
+    );
+    let mut dying = tcp((REMOTE_POD, 9000), (POD_A, 4444), TCP_SYN).macs(N2_VTEP_MAC, VTEP_MAC);
+    dying.ttl = 1;
+    let frame = craft::vxlan(
+        (N2_MAC, UPLINK_MAC),
+        N2_IP,
+        NODE_IP,
+        8472,
+        1,
+        &dying.build(),
+    );
+    assert_eq!(
+        lab.send(UPLINK, &frame).verdict,
+        Verdict::Drop(DropReason::TtlExceeded)
+    );
+    assert_eq!(lab.worker.stats.drop_count(DropReason::TtlExceeded), 1);
+}
+
+#[test]
+fn clusterip_to_a_remote_backend_crosses_the_overlay_both_ways() {
+    let mut s = web(Proto::Tcp);
+    only(&mut s, vec![ep(REMOTE_POD, 8080, false)]);
+    let mut lab = Lab::new(&[s]);
+    let out = from_pod_b(&mut lab, tcp((POD_B, 4545), (CLUSTER_IP, 80), TCP_SYN));
+    let (_, _, inner) = craft::unwrap_vxlan(&out.bytes).unwrap();
+    let i = craft::inspect(inner).unwrap();
+    assert_eq!((i.src, i.dst, i.ports), (POD_B, REMOTE_POD, (4545, 8080)));
+    // The reply comes back encapsulated by node 2 and is reverse-NATed.
+    let reply = tcp((REMOTE_POD, 8080), (POD_B, 4545), TCP_SYN | TCP_ACK)
+        .macs(N2_VTEP_MAC, VTEP_MAC)
+        .build();
+    let frame = craft::vxlan((N2_MAC, UPLINK_MAC), N2_IP, NODE_IP, 8472, 1, &reply);
+    let back = lab.send(UPLINK, &frame);
+    assert_eq!(back.tx_port(), PORT_B);
+    let r = back.seen();
+    assert_eq!(
+        (r.src, r.ports.0, r.dst, r.ports.1),
+        (CLUSTER_IP, 80, POD_B, 4545)
+    );
+}
+
+#[test]
+fn non_service_traffic_between_local_pods_or_from_outside_passes() {
+    let mut lab = Lab::new(&[web(Proto::Tcp)]);
+    assert_eq!(
+        from_pod_b(&mut lab, tcp((POD_B, 1), (POD_A, 2), TCP_SYN)).verdict,
+        Verdict::Pass
+    );
+    assert_eq!(
+        lab.from_client(tcp((CLIENT_IP, 1), (POD_A, 2), TCP_SYN))
+            .verdict,
+        Verdict::Pass
+    );
+}
+
+// ---- 11. checksum policy ----
+
+/// A frame as a local socket hands it to a veth with tx offload on: the L4
+/// checksum field holds only the pseudo-header sum (CHECKSUM_PARTIAL).
+fn partial_checksum_udp() -> Vec<u8> {
+    let mut b = udp((POD_B, 5353), (CLUSTER_IP, 80))
+        .macs(POD_B_MAC, PORT_B_MAC)
+        .build();
+    let ip = ipv4::parse(&b, 14).unwrap();
+    let pseudo =
+        dataplane::wire::checksum::pseudo_header(ip.src, ip.dst, ip.proto, ip.l4_len() as u16);
+    let folded = dataplane::wire::checksum::fold(pseudo);
+    b[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&folded.to_be_bytes());
+    b
+}
+
+#[test]
+fn full_checksum_policy_repairs_partial_checksums_incremental_does_not() {
+    use dataplane::craft::Buffer;
+    use dataplane::flow::FlowState;
+    use std::sync::Arc;
+    for (policy, want_ok) in [
+        (ChecksumPolicy::Incremental, false),
+        (ChecksumPolicy::Full, true),
+    ] {
+        let mut t = base_tables();
+        let mut n = node_config();
+        n.checksum = policy;
+        t.set_node(n);
+        t.upsert_service(&web_on_a(Proto::Udp)).unwrap();
+        let mut w = dataplane::Worker::new(Arc::new(FlowState::new(CtConfig {
+            capacity: 64,
+            ..CtConfig::default()
+        })));
+        let mut b = Buffer::new(&partial_checksum_udp());
+        let mut f = b.frame();
+        assert_eq!(
+            w.process(dataplane::Time::ZERO, &t, PORT_B, &mut f),
+            Verdict::Tx(PORT_A)
+        );
+        let (start, len) = (f.headroom(), f.len());
+        b.start = start;
+        b.len = len;
+        assert_eq!(
+            craft::inspect(b.bytes()).unwrap().checksums_ok,
+            want_ok,
+            "{policy:?}"
+        );
+    }
+}

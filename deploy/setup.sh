@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kxp needs to build, test and run its lab.
+# Safe to run again; skips apt when everything is present.
+set -euo pipefail
+
+# Packet engine and tests: the Rust toolchain (cargo, rustfmt, clippy) only.
+# iproute2 / iperf3 / ethtool / clang / libbpf join this list with the
+# AF_XDP runtime and the lab.
+PACKAGES=(pkg-config)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "kxp setup: missing Debian packages (${missing[*]}); run this script as root to install them." >&2
+    exit 1
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+for tool in cargo rustfmt cargo-clippy; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "kxp setup: '$tool' is not on PATH; install the Rust toolchain (rustup, stable, with rustfmt and clippy)." >&2
+    exit 1
+  fi
+done

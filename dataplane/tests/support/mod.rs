@@ -186,6 +186,16 @@ impl Lab {
     /// Runs one frame through the engine. Every transmitted frame must parse
     /// and carry valid checksums (issue point 11, checked everywhere).
     pub fn send(&mut self, port: PortId, frame: &[u8]) -> Out {
+        let out = self.send_raw(port, frame);
+        if let Verdict::Tx(_) = out.verdict {
+            let s = craft::inspect(&out.bytes).expect("engine emitted a malformed frame");
+            assert!(s.checksums_ok, "bad L4 checksum on {s:?}");
+        }
+        out
+    }
+
+    /// Runs one frame through the engine without judging the result.
+    pub fn send_raw(&mut self, port: PortId, frame: &[u8]) -> Out {
         let tables = self.publisher.reader().load();
         let mut b = Buffer::new(frame);
         let mut f = b.frame();
@@ -197,10 +207,6 @@ impl Lab {
             Verdict::Pass => frame.to_vec(),
             _ => b.bytes().to_vec(),
         };
-        if let Verdict::Tx(_) = verdict {
-            let s = craft::inspect(&bytes).expect("engine emitted a malformed frame");
-            assert!(s.checksums_ok, "bad L4 checksum on {s:?}");
-        }
         Out { verdict, bytes }
     }
 
@@ -216,4 +222,100 @@ pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Spec {
 
 pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Spec {
     Spec::udp(src, dst, b"payload")
+}
+
+/// Frames that reach every branch of the engine: service TCP/UDP both ways,
+/// NodePort, VXLAN, ICMP errors, tagged frames. Seeds for fuzzing.
+pub fn seed_frames() -> Vec<(PortId, Vec<u8>)> {
+    use dataplane::wire::l4::{TCP_ACK, TCP_SYN};
+    let mut v = vec![
+        (
+            PORT_B,
+            tcp((POD_B, 40000), (CLUSTER_IP, 80), TCP_SYN)
+                .macs(POD_B_MAC, PORT_B_MAC)
+                .build(),
+        ),
+        (
+            PORT_A,
+            tcp((POD_A, 8080), (POD_B, 40000), TCP_SYN | TCP_ACK)
+                .macs(POD_A_MAC, PORT_A_MAC)
+                .build(),
+        ),
+        (
+            PORT_B,
+            udp((POD_B, 5353), (CLUSTER_IP, 80))
+                .macs(POD_B_MAC, PORT_B_MAC)
+                .build(),
+        ),
+        (
+            UPLINK,
+            tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN)
+                .macs(GW_MAC, UPLINK_MAC)
+                .build(),
+        ),
+        (
+            UPLINK,
+            udp((CLIENT_IP, 5000), (LB_IP, 80))
+                .macs(GW_MAC, UPLINK_MAC)
+                .build(),
+        ),
+        (
+            PORT_B,
+            tcp((POD_B, 4444), (REMOTE_POD, 9000), TCP_SYN)
+                .macs(POD_B_MAC, PORT_B_MAC)
+                .build(),
+        ),
+    ];
+    let inner = tcp((REMOTE_POD, 8080), (POD_B, 4545), TCP_SYN | TCP_ACK)
+        .macs(N2_VTEP_MAC, VTEP_MAC)
+        .build();
+    v.push((
+        UPLINK,
+        craft::vxlan((N2_MAC, UPLINK_MAC), N2_IP, NODE_IP, 8472, 1, &inner),
+    ));
+    let quoted = tcp((NODE_IP, 30080), (CLIENT_IP, 5000), TCP_ACK).build();
+    v.push((
+        UPLINK,
+        craft::icmp_error(
+            (GW_MAC, UPLINK_MAC),
+            GW_IP,
+            NODE_IP,
+            3,
+            4,
+            1400,
+            &quoted[14..42],
+        ),
+    ));
+    let mut tagged = tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN).macs(GW_MAC, UPLINK_MAC);
+    tagged.vlan = Some(100);
+    v.push((UPLINK, tagged.build()));
+    v
+}
+
+/// The fuzz harness: the first byte picks the ingress port, the rest is the
+/// frame. Whatever the bytes, the engine must not panic, and whatever it
+/// transmits must be a well-formed IPv4 frame.
+pub fn exercise(lab: &mut Lab, data: &[u8]) {
+    let Some((&sel, frame)) = data.split_first() else {
+        return;
+    };
+    let port = PortId(u16::from(sel % 4)); // 3 is not a configured port
+    let out = lab.send_raw(port, frame);
+    if let Verdict::Tx(_) = out.verdict {
+        craft::inspect(&out.bytes).expect("engine transmitted a malformed frame");
+    }
+}
+
+/// Services for fuzzing: one of each kind, one without endpoints.
+pub fn fuzz_lab() -> Lab {
+    let mut empty = web(Proto::Udp);
+    empty.id = SvcId(7);
+    empty.cluster_ips = vec![Ipv4Addr::new(10, 96, 0, 99)];
+    empty.load_balancer_ips.clear();
+    empty.external_ips.clear();
+    empty.node_port = None;
+    empty.endpoints.clear();
+    let mut tcp_web = web(Proto::Tcp);
+    tcp_web.affinity = Some(Duration::from_secs(10));
+    Lab::new(&[tcp_web, web(Proto::Udp), empty])
 }

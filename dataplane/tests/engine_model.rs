@@ -162,7 +162,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 } else {
                     Spec::udp((c, sp), (CLUSTER_IP, 80), b"q")
                 };
-                let out = lab.from_client(spec);
+                let out = lab.send_from_client(spec);
                 let alive = |b: usize| mask & (1 << b) != 0;
                 match existing {
                     Some(f) if alive(f.backend) => {

@@ -60,7 +60,7 @@ fn non_ipv4_and_fragments_pass_to_the_kernel_untouched() {
     assert_eq!(out.bytes, frag);
     // SSH to the node is not kxp's.
     assert_eq!(
-        lab.from_client(tcp((CLIENT_IP, 5555), (NODE_IP, 22), TCP_SYN))
+        lab.send_from_client(tcp((CLIENT_IP, 5555), (NODE_IP, 22), TCP_SYN))
             .verdict,
         Verdict::Pass
     );
@@ -126,7 +126,7 @@ fn vlan_tagged_uplink_and_ip_options_are_handled() {
     lab.update(|t| t.set_node(n));
     let mut syn = tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN);
     syn.vlan = Some(100);
-    let out = lab.from_client(syn);
+    let out = lab.send_from_client(syn);
     assert_eq!(out.tx_port(), PORT_A);
     let s = out.seen();
     assert_eq!((s.vlan, s.dst, s.ports.1), (None, POD_A, 8080));
@@ -201,7 +201,7 @@ fn clusterip_udp_dnat_and_reverse_nat() {
 fn nodeport_loadbalancer_and_external_ips_reach_the_service() {
     for (dst, port) in [(NODE_IP, 30080), (LB_IP, 80), (EXTERNAL_IP, 80)] {
         let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
-        let out = lab.from_client(tcp((CLIENT_IP, 5000), (dst, port), TCP_SYN));
+        let out = lab.send_from_client(tcp((CLIENT_IP, 5000), (dst, port), TCP_SYN));
         assert_eq!(out.tx_port(), PORT_A, "{dst}:{port}");
         let s = out.seen();
         assert_eq!((s.dst, s.ports.1), (POD_A, 8080));
@@ -220,7 +220,7 @@ fn nodeport_loadbalancer_and_external_ips_reach_the_service() {
     // A NodePort on an address that is not the node's is not a service.
     let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
     assert_eq!(
-        lab.from_client(tcp((CLIENT_IP, 5000), (EXT_IP, 30080), TCP_SYN))
+        lab.send_from_client(tcp((CLIENT_IP, 5000), (EXT_IP, 30080), TCP_SYN))
             .verdict,
         Verdict::Pass
     );
@@ -285,7 +285,7 @@ fn client_ip_affinity_holds_until_timeout_then_may_move() {
         let mut seen = HashSet::new();
         for _ in 0..25 {
             port += 1;
-            let out = lab.from_client(tcp((CLIENT_IP, port), (CLUSTER_IP, 80), TCP_SYN));
+            let out = lab.send_from_client(tcp((CLIENT_IP, port), (CLUSTER_IP, 80), TCP_SYN));
             seen.insert(backend_of(&out));
             lab.advance(Duration::from_millis(300)); // within the timeout
         }
@@ -293,7 +293,8 @@ fn client_ip_affinity_holds_until_timeout_then_may_move() {
         let before = *seen.iter().next().unwrap();
         lab.advance(Duration::from_secs(11));
         port += 1;
-        let after = backend_of(&lab.from_client(tcp((CLIENT_IP, port), (CLUSTER_IP, 80), TCP_SYN)));
+        let after =
+            backend_of(&lab.send_from_client(tcp((CLIENT_IP, port), (CLUSTER_IP, 80), TCP_SYN)));
         moved |= after != before;
     }
     assert!(moved, "after the timeout a client must be free to move");
@@ -301,7 +302,11 @@ fn client_ip_affinity_holds_until_timeout_then_may_move() {
     let mut lab = Lab::new(&[four_remote(Proto::Tcp)]);
     let spread: HashSet<_> = (0..50u16)
         .map(|p| {
-            backend_of(&lab.from_client(tcp((CLIENT_IP, 30000 + p), (CLUSTER_IP, 80), TCP_SYN)))
+            backend_of(&lab.send_from_client(tcp(
+                (CLIENT_IP, 30000 + p),
+                (CLUSTER_IP, 80),
+                TCP_SYN,
+            )))
         })
         .collect();
     assert!(spread.len() >= 3);
@@ -323,7 +328,7 @@ fn etp_local_preserves_client_ip_and_uses_local_endpoints_only() {
     s.external_local = true;
     let mut lab = Lab::new(&[s.clone()]);
     for p in 0..30u16 {
-        let out = lab.from_client(tcp((CLIENT_IP, 7000 + p), (NODE_IP, 30080), TCP_SYN));
+        let out = lab.send_from_client(tcp((CLIENT_IP, 7000 + p), (NODE_IP, 30080), TCP_SYN));
         assert_eq!(out.tx_port(), PORT_A);
         let seen = out.seen();
         assert_eq!(
@@ -342,7 +347,7 @@ fn etp_local_preserves_client_ip_and_uses_local_endpoints_only() {
     // No local endpoint: dropped, like kube-proxy.
     only(&mut s, vec![ep(REMOTE_POD, 8080, false)]);
     let mut lab = Lab::new(&[s]);
-    let out = lab.from_client(tcp((CLIENT_IP, 7000), (NODE_IP, 30080), TCP_SYN));
+    let out = lab.send_from_client(tcp((CLIENT_IP, 7000), (NODE_IP, 30080), TCP_SYN));
     assert_eq!(out.verdict, Verdict::Drop(DropReason::NoLocalEndpoint));
     // Pods inside the cluster still reach it through all endpoints.
     let out = from_pod_b(&mut lab, tcp((POD_B, 7000), (LB_IP, 80), TCP_SYN));
@@ -374,7 +379,7 @@ fn snat_ports_never_collide_between_live_flows() {
     for i in 0..300u32 {
         let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(203, 0, 113, 0)) + i);
         let s = lab
-            .from_client(udp((client, 40000), (NODE_IP, 30080)))
+            .send_from_client(udp((client, 40000), (NODE_IP, 30080)))
             .seen();
         assert_eq!(s.src, NODE_IP);
         assert!(
@@ -576,7 +581,7 @@ fn flow_to_a(lab: &mut Lab, proto: Proto) -> u16 {
                 Proto::Tcp => tcp((CLIENT_IP, *p), (CLUSTER_IP, 80), TCP_SYN),
                 Proto::Udp => udp((CLIENT_IP, *p), (CLUSTER_IP, 80)),
             };
-            lab.from_client(spec).tx_port() == PORT_A
+            lab.send_from_client(spec).tx_port() == PORT_A
         })
         .unwrap()
 }
@@ -588,7 +593,7 @@ fn udp_flow_moves_at_once_when_its_backend_leaves() {
     let mut s = two_backends(Proto::Udp);
     only(&mut s, vec![ep(POD_B, 8080, true)]);
     lab.update(|t| t.upsert_service(&s).unwrap());
-    let out = lab.from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)));
+    let out = lab.send_from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)));
     assert_eq!(
         out.tx_port(),
         PORT_B,
@@ -597,7 +602,7 @@ fn udp_flow_moves_at_once_when_its_backend_leaves() {
     assert_eq!(lab.worker.stats.flows_rebalanced, 1);
     // And the new mapping is stable.
     assert_eq!(
-        lab.from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)))
+        lab.send_from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)))
             .tx_port(),
         PORT_B
     );
@@ -609,7 +614,7 @@ fn udp_flow_moves_at_once_when_its_backend_leaves() {
     s.endpoints[0].serving = false;
     lab.update(|t| t.upsert_service(&s).unwrap());
     assert_eq!(
-        lab.from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)))
+        lab.send_from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)))
             .tx_port(),
         PORT_B
     );
@@ -626,11 +631,11 @@ fn tcp_flow_is_reset_when_its_backend_leaves_and_kept_while_terminating() {
     lab.update(|t| t.upsert_service(&s).unwrap());
     let mut ack = tcp((CLIENT_IP, p), (CLUSTER_IP, 80), TCP_ACK);
     ack.ack = 777;
-    assert_eq!(lab.from_client(ack.clone()).tx_port(), PORT_A);
+    assert_eq!(lab.send_from_client(ack.clone()).tx_port(), PORT_A);
     // New connections avoid the terminating backend.
     for q in 50000..50020u16 {
         assert_eq!(
-            lab.from_client(tcp((CLIENT_IP, q), (CLUSTER_IP, 80), TCP_SYN))
+            lab.send_from_client(tcp((CLIENT_IP, q), (CLUSTER_IP, 80), TCP_SYN))
                 .tx_port(),
             PORT_B
         );
@@ -638,7 +643,7 @@ fn tcp_flow_is_reset_when_its_backend_leaves_and_kept_while_terminating() {
     // Removed: the client gets a RST right away.
     only(&mut s, vec![ep(POD_B, 8080, true)]);
     lab.update(|t| t.upsert_service(&s).unwrap());
-    let out = lab.from_client(ack);
+    let out = lab.send_from_client(ack);
     assert_eq!(out.tx_port(), UPLINK);
     let r = out.seen();
     assert_eq!(r.tcp_flags, TCP_RST);
@@ -651,7 +656,7 @@ fn tcp_flow_is_reset_when_its_backend_leaves_and_kept_while_terminating() {
     assert_eq!(lab.worker.stats.flows_reset, 1);
     // Reconnecting from the same port lands on the remaining backend.
     assert_eq!(
-        lab.from_client(tcp((CLIENT_IP, p), (CLUSTER_IP, 80), TCP_SYN))
+        lab.send_from_client(tcp((CLIENT_IP, p), (CLUSTER_IP, 80), TCP_SYN))
             .tx_port(),
         PORT_B
     );
@@ -668,7 +673,7 @@ fn conntrack_is_bounded() {
     );
     for i in 0..2000u32 {
         let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i);
-        lab.from_client(udp((client, 999), (CLUSTER_IP, 80)));
+        lab.send_from_client(udp((client, 999), (CLUSTER_IP, 80)));
     }
     let ct = &lab.worker.flows().conntrack;
     assert!(
@@ -686,7 +691,7 @@ fn conntrack_is_bounded() {
 fn fragmentation_needed_for_replies_reaches_the_backend() {
     let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
     let s = lab
-        .from_client(tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN))
+        .send_from_client(tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN))
         .seen();
     let snat_port = s.ports.0;
     // A router toward the client cannot forward our (translated) reply.
@@ -725,7 +730,7 @@ fn fragmentation_needed_for_replies_reaches_the_backend() {
 fn icmp_errors_about_forwarded_packets_reach_the_client() {
     let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
     let s = lab
-        .from_client(udp((CLIENT_IP, 5000), (NODE_IP, 30080)))
+        .send_from_client(udp((CLIENT_IP, 5000), (NODE_IP, 30080)))
         .seen();
     // The backend's host answers "port unreachable" about our forwarded datagram.
     let fwd_on_wire = udp((NODE_IP, s.ports.0), (POD_A, 8080)).build();
@@ -855,7 +860,7 @@ fn non_service_traffic_between_local_pods_or_from_outside_passes() {
         Verdict::Pass
     );
     assert_eq!(
-        lab.from_client(tcp((CLIENT_IP, 1), (POD_A, 2), TCP_SYN))
+        lab.send_from_client(tcp((CLIENT_IP, 1), (POD_A, 2), TCP_SYN))
             .verdict,
         Verdict::Pass
     );

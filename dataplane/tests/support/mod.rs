@@ -211,7 +211,7 @@ impl Lab {
     }
 
     /// A TCP/UDP packet from the external client via the gateway.
-    pub fn from_client(&mut self, spec: Spec) -> Out {
+    pub fn send_from_client(&mut self, spec: Spec) -> Out {
         self.send(UPLINK, &spec.macs(GW_MAC, UPLINK_MAC).build())
     }
 }

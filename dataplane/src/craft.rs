@@ -201,6 +201,8 @@ pub fn inspect(frame: &[u8]) -> Result<Seen, WireError> {
     let l2 = ethernet::parse(frame)?;
     let ip = ipv4::parse(frame, l2.len)?;
     let (ports, tcp_flags, l4_ok) = match ip.proto {
+        // Fragments carry no complete L4 segment to check.
+        _ if ip.is_fragment() => ((0, 0), 0, true),
         PROTO_ICMP => {
             let m = icmp::parse(frame, &ip)?;
             let ok = crate::wire::checksum::verify(&frame[ip.l4_off()..ip.end()]);

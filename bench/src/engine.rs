@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 use dataplane::addr::{BackendAddr, Endpoint, Mac, PortId, Proto, SvcId};
 use dataplane::craft::{self, Spec, HEADROOM};
 use dataplane::flow::{CtConfig, FlowState};
-use dataplane::tables::{
-    EndpointInfo, LocalPod, NodeConfig, PortInfo, PortRole, RemoteNode, ServiceSpec, Tables,
-};
+use dataplane::tables::{EndpointInfo, LocalPod, NodeConfig, PortInfo, PortRole, RemoteNode, ServiceSpec, Tables};
 use dataplane::wire::l4::{TCP_ACK, TCP_SYN};
 use dataplane::{Frame, Publisher, Reader, Time, Verdict, Worker};
 use serde_json::{json, Value};
@@ -43,6 +41,10 @@ pub struct Args {
     /// Timed packets per path (hot paths; cold paths use one pass over all flows).
     #[arg(long, default_value_t = 4_000_000)]
     packets: usize,
+    /// Skip the update-latency runs (they keep a second core busy), e.g. for
+    /// profiling the packet paths under callgrind.
+    #[arg(long)]
+    no_updates: bool,
 }
 
 const BATCH: usize = 64;
@@ -68,12 +70,7 @@ fn vip(i: usize) -> Ipv4Addr {
 }
 
 fn node() -> NodeConfig {
-    let mut n = NodeConfig::single_uplink(
-        "bench",
-        NODE_IP,
-        "192.168.0.0/24".parse().expect("cidr"),
-        UPLINK_MAC,
-    );
+    let mut n = NodeConfig::single_uplink("bench", NODE_IP, "192.168.0.0/24".parse().expect("cidr"), UPLINK_MAC);
     n.gateway = Some(GW_IP);
     n.vxlan.vtep_mac = Mac([0x0e, 0, 0, 0, 0, 1]);
     for i in 0..ENDPOINTS {
@@ -88,13 +85,7 @@ fn node() -> NodeConfig {
 }
 
 fn service(i: usize, endpoints: u8) -> ServiceSpec {
-    let mut s = ServiceSpec::cluster_ip(
-        SvcId(i as u32),
-        &format!("bench/svc-{i}:http"),
-        vip(i),
-        80,
-        Proto::Tcp,
-    );
+    let mut s = ServiceSpec::cluster_ip(SvcId(i as u32), &format!("bench/svc-{i}:http"), vip(i), 80, Proto::Tcp);
     s.endpoints = (0..endpoints)
         .map(|e| EndpointInfo {
             addr: BackendAddr(Endpoint::new(pod_ip(e), 8080)),
@@ -124,9 +115,7 @@ fn tables(services: usize) -> Tables {
     for r in 0..REMOTE_NODES {
         let ip = Ipv4Addr::new(192, 168, 0, 2 + r);
         t.set_pod_route(
-            format!("10.244.{}.0/24", 2 + u16::from(r))
-                .parse()
-                .expect("cidr"),
+            format!("10.244.{}.0/24", 2 + u16::from(r)).parse().expect("cidr"),
             RemoteNode {
                 node_ip: ip,
                 vtep_mac: Mac([0x0e, 0, 0, 0, 1, r]),
@@ -136,8 +125,7 @@ fn tables(services: usize) -> Tables {
     }
     t.set_neighbor(GW_IP, GW_MAC);
     for i in 0..services {
-        t.upsert_service(&service(i, ENDPOINTS))
-            .expect("valid bench service");
+        t.upsert_service(&service(i, ENDPOINTS)).expect("valid bench service");
     }
     t
 }
@@ -349,10 +337,7 @@ fn measure_size(args: &Args, services: usize) -> Value {
             let f = ack.get(k);
             buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
             let mut frame = Frame::new(&mut buf, HEADROOM, f.len());
-            let port = expect_tx(
-                w.process(now, &tables_now, PortId(0), &mut frame),
-                "established packet",
-            );
+            let port = expect_tx(w.process(now, &tables_now, PortId(0), &mut frame), "established packet");
             let out = craft::inspect(frame.data()).expect("engine output parses");
             let i = (port.0 - 1) as u8;
             Spec::tcp((out.dst, out.ports.1), (out.src, out.ports.0), TCP_ACK)
@@ -365,25 +350,11 @@ fn measure_size(args: &Args, services: usize) -> Value {
     // (the port only picks the origin class, identical for every pod).
 
     let allocs_before = memory::allocation_calls();
-    let est_hot = run_frames(&mut w, &reader, &ack, args.packets, |i| i % HOT, &mut now);
+    let est_hot = run_frames(&mut w, &reader, &ack, args.packets, |i| i % HOT.min(flows), &mut now);
     let allocs = memory::allocation_calls() - allocs_before;
-    let est_cold = run_frames(
-        &mut w,
-        &reader,
-        &ack,
-        flows,
-        |i| cold_order[i] as usize,
-        &mut now,
-    );
-    let rep_hot = run_frames(&mut w, &reader, &reply, args.packets, |i| i % HOT, &mut now);
-    let rep_cold = run_frames(
-        &mut w,
-        &reader,
-        &reply,
-        flows,
-        |i| cold_order[i] as usize,
-        &mut now,
-    );
+    let est_cold = run_frames(&mut w, &reader, &ack, flows, |i| cold_order[i] as usize, &mut now);
+    let rep_hot = run_frames(&mut w, &reader, &reply, args.packets, |i| i % HOT.min(flows), &mut now);
+    let rep_cold = run_frames(&mut w, &reader, &reply, flows, |i| cold_order[i] as usize, &mut now);
 
     // NodePort with SNAT (eTP=Cluster): 10,000 clients, then the hot set.
     let np_syn = Frames::new(
@@ -393,20 +364,11 @@ fn measure_size(args: &Args, services: usize) -> Value {
                 Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + k as u32),
                 40000,
             );
-            Spec::tcp(c, (NODE_IP, 30080), TCP_SYN)
-                .macs(GW_MAC, UPLINK_MAC)
-                .build()
+            Spec::tcp(c, (NODE_IP, 30080), TCP_SYN).macs(GW_MAC, UPLINK_MAC).build()
         }),
     );
     let np_new = run_frames(&mut w, &reader, &np_syn, np_syn.len(), |i| i, &mut now);
-    let np_est = run_frames(
-        &mut w,
-        &reader,
-        &np_syn,
-        args.packets,
-        |i| i % HOT,
-        &mut now,
-    );
+    let np_est = run_frames(&mut w, &reader, &np_syn, args.packets, |i| i % HOT, &mut now);
 
     // Overlay: pod to remote pods (encap) and back (decap).
     let encap = Frames::new(
@@ -439,20 +401,24 @@ fn measure_size(args: &Args, services: usize) -> Value {
             )
         }),
     );
-    let enc = run_frames(&mut w, &reader, &encap, args.packets, |i| i % HOT, &mut now);
-    let dec = run_frames(&mut w, &reader, &decap, args.packets, |i| i % HOT, &mut now);
+    let enc = run_frames(&mut w, &reader, &encap, args.packets, |i| i % HOT.min(flows), &mut now);
+    let dec = run_frames(&mut w, &reader, &decap, args.packets, |i| i % HOT.min(flows), &mut now);
     let dropped = w.stats.total_drops();
 
     // Control-plane updates while a worker on the other core forwards.
-    let (add, w) = update_latency(&publisher, w, &ack, |t, r| {
-        t.upsert_service(&service(services + 1000 + r, ENDPOINTS))
-            .expect("new service");
-    });
-    let (remove, w) = update_latency(&publisher, w, &ack, |t, r| {
-        t.upsert_service(&service(r % services, ENDPOINTS - 1))
-            .expect("shrunk service");
-    });
-    drop(w);
+    let (add, remove) = if args.no_updates {
+        (Value::Null, Value::Null)
+    } else {
+        let (add, w) = update_latency(&publisher, w, &ack, |t, r| {
+            t.upsert_service(&service(services + 1000 + r, ENDPOINTS))
+                .expect("new service");
+        });
+        let (remove, _) = update_latency(&publisher, w, &ack, |t, r| {
+            t.upsert_service(&service(r % services, ENDPOINTS - 1))
+                .expect("shrunk service");
+        });
+        (add, remove)
+    };
 
     json!({
         "services": services,
@@ -485,16 +451,8 @@ pub fn run(args: &Args) {
     if let Some(core) = cores.first().copied() {
         core_affinity::set_for_current(core);
     }
-    let sizes: Vec<Value> = args
-        .services
-        .iter()
-        .map(|&n| measure_size(args, n.max(1)))
-        .collect();
-    let est = |v: &Value| {
-        v["clusterip_established"]["ns_per_packet"]
-            .as_f64()
-            .unwrap_or(f64::NAN)
-    };
+    let sizes: Vec<Value> = args.services.iter().map(|&n| measure_size(args, n.max(1))).collect();
+    let est = |v: &Value| v["clusterip_established"]["ns_per_packet"].as_f64().unwrap_or(f64::NAN);
     let flat = match (sizes.first(), sizes.last()) {
         (Some(a), Some(b)) => round(est(b) / est(a), 2),
         _ => f64::NAN,
@@ -561,19 +519,10 @@ fn print_table(r: &Value) {
         println!();
     }
     for (key, field) in [
-        (
-            "add_one_service_us (median)",
-            ("add_one_service_us", "median"),
-        ),
+        ("add_one_service_us (median)", ("add_one_service_us", "median")),
         ("add_one_service_us (max)", ("add_one_service_us", "max")),
-        (
-            "remove_one_endpoint_us (median)",
-            ("remove_one_endpoint_us", "median"),
-        ),
-        (
-            "remove_one_endpoint_us (max)",
-            ("remove_one_endpoint_us", "max"),
-        ),
+        ("remove_one_endpoint_us (median)", ("remove_one_endpoint_us", "median")),
+        ("remove_one_endpoint_us (max)", ("remove_one_endpoint_us", "max")),
     ] {
         print!("{key:<42}");
         for s in &sizes {

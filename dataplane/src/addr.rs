@@ -165,9 +165,6 @@ mod tests {
 
     #[test]
     fn mac_displays_like_ip_link() {
-        assert_eq!(
-            Mac([0xaa, 0, 1, 2, 3, 0xff]).to_string(),
-            "aa:00:01:02:03:ff"
-        );
+        assert_eq!(Mac([0xaa, 0, 1, 2, 3, 0xff]).to_string(), "aa:00:01:02:03:ff");
     }
 }

@@ -68,13 +68,7 @@ impl Spec {
         } + self.payload.len();
         let total = ipv4::MIN_HEADER_LEN + l4_len;
         let mut b = vec![0u8; l2 + total];
-        ethernet::write(
-            &mut b,
-            self.dst_mac,
-            self.src_mac,
-            self.vlan,
-            ETHERTYPE_IPV4,
-        );
+        ethernet::write(&mut b, self.dst_mac, self.src_mac, self.vlan, ETHERTYPE_IPV4);
         let proto = match self.proto {
             Proto::Tcp => PROTO_TCP,
             Proto::Udp => PROTO_UDP,
@@ -109,9 +103,7 @@ impl Spec {
                 b[o + 8..].copy_from_slice(&self.payload);
             }
         }
-        let seg = l4::parse(&b, &ip)
-            .expect("built segment parses")
-            .expect("tcp or udp");
+        let seg = l4::parse(&b, &ip).expect("built segment parses").expect("tcp or udp");
         l4::fill_checksum(&mut b, &ip, &seg, true);
         b
     }
@@ -234,14 +226,7 @@ pub fn inspect(frame: &[u8]) -> Result<Seen, WireError> {
 
 /// Wraps an inner Ethernet frame in outer Ethernet/IPv4/UDP/VXLAN, the way a
 /// Linux VXLAN device (or kxp) on another node sends it.
-pub fn vxlan(
-    macs: (Mac, Mac),
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    port: u16,
-    vni: u32,
-    inner: &[u8],
-) -> Vec<u8> {
+pub fn vxlan(macs: (Mac, Mac), src: Ipv4Addr, dst: Ipv4Addr, port: u16, vni: u32, inner: &[u8]) -> Vec<u8> {
     use crate::wire::vxlan as vx;
     let udp_len = l4::UDP_HEADER_LEN + vx::HEADER_LEN + inner.len();
     let total = ipv4::MIN_HEADER_LEN + udp_len;

@@ -224,13 +224,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             prop_assert_eq!(s.src, c, "pod source must be kept");
                         }
                         let nat = (s.src, s.ports.0);
-                        let clash = flows
-                            .iter()
-                            .any(|(k, o)| k.2 == tcp && o.backend == b && o.nat == nat);
-                        prop_assert!(
-                            !clash,
-                            "reply tuple {nat:?} toward backend {b} already in use"
-                        );
+                        let clash = flows.iter().any(|(k, o)| k.2 == tcp && o.backend == b && o.nat == nat);
+                        prop_assert!(!clash, "reply tuple {nat:?} toward backend {b} already in use");
                         let state = if tcp { St::SynSent } else { St::UdpUnreplied };
                         flows.insert(
                             key,
@@ -267,29 +262,17 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let i = f.backend as u8;
                 let out = lab.send(
                     backend_port(f.backend),
-                    &spec
-                        .macs(Mac([0x0a, 0, 0, 9, 0, i]), Mac([2, 0, 0, 9, 0, i]))
-                        .build(),
+                    &spec.macs(Mac([0x0a, 0, 0, 9, 0, i]), Mac([2, 0, 0, 9, 0, i])).build(),
                 );
                 prop_assert_eq!(out.verdict, Verdict::Tx(UPLINK), "reply not translated");
                 let s = out.seen();
-                prop_assert_eq!(
-                    (s.src, s.ports.0, s.dst, s.ports.1),
-                    (CLUSTER_IP, 80, c, sp)
-                );
+                prop_assert_eq!((s.src, s.ports.0, s.dst, s.ports.1), (CLUSTER_IP, 80, c, sp));
                 let state = match f.state {
                     St::SynSent => St::SynRecv,
                     St::UdpUnreplied | St::UdpReplied => St::UdpReplied,
                     st => st,
                 };
-                flows.insert(
-                    key,
-                    Flow {
-                        state,
-                        last: now,
-                        ..f
-                    },
-                );
+                flows.insert(key, Flow { state, last: now, ..f });
             }
         }
     }

@@ -130,10 +130,7 @@ fn vlan_tagged_uplink_and_ip_options_are_handled() {
     assert_eq!(out.tx_port(), PORT_A);
     let s = out.seen();
     assert_eq!((s.vlan, s.dst, s.ports.1), (None, POD_A, 8080));
-    let back = from_pod_a(
-        &mut lab,
-        tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK),
-    );
+    let back = from_pod_a(&mut lab, tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK));
     assert_eq!(back.tx_port(), UPLINK);
     let r = back.seen();
     assert_eq!(
@@ -143,9 +140,7 @@ fn vlan_tagged_uplink_and_ip_options_are_handled() {
 
     // IPv4 options: a 24-byte header still gets NATed.
     let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
-    let plain = udp((POD_B, 4000), (CLUSTER_IP, 80))
-        .macs(POD_B_MAC, PORT_B_MAC)
-        .build();
+    let plain = udp((POD_B, 4000), (CLUSTER_IP, 80)).macs(POD_B_MAC, PORT_B_MAC).build();
     let mut opt = plain[..34].to_vec();
     opt.extend_from_slice(&[1, 1, 1, 0]);
     opt.extend_from_slice(&plain[34..]);
@@ -172,16 +167,10 @@ fn clusterip_tcp_dnat_and_reverse_nat() {
         "pod source kept, DNAT to backend"
     );
     assert_eq!((s.dst_mac, s.src_mac, s.ttl), (POD_A_MAC, PORT_A_MAC, 63));
-    let back = from_pod_a(
-        &mut lab,
-        tcp((POD_A, 8080), (POD_B, 40000), TCP_SYN | TCP_ACK),
-    );
+    let back = from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 40000), TCP_SYN | TCP_ACK));
     assert_eq!(back.tx_port(), PORT_B);
     let r = back.seen();
-    assert_eq!(
-        (r.src, r.ports.0, r.dst, r.ports.1),
-        (CLUSTER_IP, 80, POD_B, 40000)
-    );
+    assert_eq!((r.src, r.ports.0, r.dst, r.ports.1), (CLUSTER_IP, 80, POD_B, 40000));
     assert_eq!(r.dst_mac, POD_B_MAC);
 }
 
@@ -191,10 +180,7 @@ fn clusterip_udp_dnat_and_reverse_nat() {
     let s = from_pod_b(&mut lab, udp((POD_B, 5353), (CLUSTER_IP, 80))).seen();
     assert_eq!((s.dst, s.ports.1), (POD_A, 8080));
     let r = from_pod_a(&mut lab, udp((POD_A, 8080), (POD_B, 5353))).seen();
-    assert_eq!(
-        (r.src, r.ports.0, r.dst, r.ports.1),
-        (CLUSTER_IP, 80, POD_B, 5353)
-    );
+    assert_eq!((r.src, r.ports.0, r.dst, r.ports.1), (CLUSTER_IP, 80, POD_B, 5353));
 }
 
 #[test]
@@ -206,15 +192,8 @@ fn nodeport_loadbalancer_and_external_ips_reach_the_service() {
         let s = out.seen();
         assert_eq!((s.dst, s.ports.1), (POD_A, 8080));
         assert_eq!(s.src, NODE_IP, "eTP=Cluster SNATs to the node");
-        let r = from_pod_a(
-            &mut lab,
-            tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK),
-        )
-        .seen();
-        assert_eq!(
-            (r.src, r.ports.0, r.dst, r.ports.1),
-            (dst, port, CLIENT_IP, 5000)
-        );
+        let r = from_pod_a(&mut lab, tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK)).seen();
+        assert_eq!((r.src, r.ports.0, r.dst, r.ports.1), (dst, port, CLIENT_IP, 5000));
         assert_eq!(r.dst_mac, GW_MAC, "off-subnet client goes via the gateway");
     }
     // A NodePort on an address that is not the node's is not a service.
@@ -293,21 +272,14 @@ fn client_ip_affinity_holds_until_timeout_then_may_move() {
         let before = *seen.iter().next().unwrap();
         lab.advance(Duration::from_secs(11));
         port += 1;
-        let after =
-            backend_of(&lab.send_from_client(tcp((CLIENT_IP, port), (CLUSTER_IP, 80), TCP_SYN)));
+        let after = backend_of(&lab.send_from_client(tcp((CLIENT_IP, port), (CLUSTER_IP, 80), TCP_SYN)));
         moved |= after != before;
     }
     assert!(moved, "after the timeout a client must be free to move");
     // Without affinity the same client spreads.
     let mut lab = Lab::new(&[four_remote(Proto::Tcp)]);
     let spread: HashSet<_> = (0..50u16)
-        .map(|p| {
-            backend_of(&lab.send_from_client(tcp(
-                (CLIENT_IP, 30000 + p),
-                (CLUSTER_IP, 80),
-                TCP_SYN,
-            )))
-        })
+        .map(|p| backend_of(&lab.send_from_client(tcp((CLIENT_IP, 30000 + p), (CLUSTER_IP, 80), TCP_SYN))))
         .collect();
     assert!(spread.len() >= 3);
 }
@@ -338,11 +310,7 @@ fn etp_local_preserves_client_ip_and_uses_local_endpoints_only() {
         );
     }
     // Reply goes straight back to the client with the NodePort as source.
-    let r = from_pod_a(
-        &mut lab,
-        tcp((POD_A, 8080), (CLIENT_IP, 7000), TCP_SYN | TCP_ACK),
-    )
-    .seen();
+    let r = from_pod_a(&mut lab, tcp((POD_A, 8080), (CLIENT_IP, 7000), TCP_SYN | TCP_ACK)).seen();
     assert_eq!((r.src, r.ports.0, r.dst), (NODE_IP, 30080, CLIENT_IP));
     // No local endpoint: dropped, like kube-proxy.
     only(&mut s, vec![ep(REMOTE_POD, 8080, false)]);
@@ -378,9 +346,7 @@ fn snat_ports_never_collide_between_live_flows() {
     // 300 clients that all use source port 40000 toward one backend.
     for i in 0..300u32 {
         let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(203, 0, 113, 0)) + i);
-        let s = lab
-            .send_from_client(udp((client, 40000), (NODE_IP, 30080)))
-            .seen();
+        let s = lab.send_from_client(udp((client, 40000), (NODE_IP, 30080))).seen();
         assert_eq!(s.src, NODE_IP);
         assert!(
             (1024..=29999).contains(&s.ports.0),
@@ -400,21 +366,11 @@ fn snat_ports_never_collide_between_live_flows() {
 #[test]
 fn same_client_tuple_to_two_services_on_one_backend_gets_distinct_reply_tuples() {
     let a = web_on_a(Proto::Udp);
-    let mut b = ServiceSpec::cluster_ip(
-        SvcId(2),
-        "ns/other:dns",
-        Ipv4Addr::new(10, 96, 0, 11),
-        80,
-        Proto::Udp,
-    );
+    let mut b = ServiceSpec::cluster_ip(SvcId(2), "ns/other:dns", Ipv4Addr::new(10, 96, 0, 11), 80, Proto::Udp);
     b.endpoints = vec![ep(POD_A, 8080, true)];
     let mut lab = Lab::new(&[a, b]);
     let x = from_pod_b(&mut lab, udp((POD_B, 5000), (CLUSTER_IP, 80))).seen();
-    let y = from_pod_b(
-        &mut lab,
-        udp((POD_B, 5000), (Ipv4Addr::new(10, 96, 0, 11), 80)),
-    )
-    .seen();
+    let y = from_pod_b(&mut lab, udp((POD_B, 5000), (Ipv4Addr::new(10, 96, 0, 11), 80))).seen();
     assert_eq!((x.src, x.ports.0), (POD_B, 5000));
     assert_eq!(y.src, POD_B);
     assert_ne!(y.ports.0, 5000, "second flow needs its own reply tuple");
@@ -433,15 +389,8 @@ fn hairpin_is_snated_so_the_reply_returns_through_kxp() {
     assert_eq!(out.tx_port(), PORT_A);
     let s = out.seen();
     assert_eq!((s.src, s.dst, s.ports.1), (NODE_IP, POD_A, 8080));
-    let r = from_pod_a(
-        &mut lab,
-        tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK),
-    )
-    .seen();
-    assert_eq!(
-        (r.src, r.ports.0, r.dst, r.ports.1),
-        (CLUSTER_IP, 80, POD_A, 33000)
-    );
+    let r = from_pod_a(&mut lab, tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK)).seen();
+    assert_eq!((r.src, r.ports.0, r.dst, r.ports.1), (CLUSTER_IP, 80, POD_A, 33000));
 }
 
 #[test]
@@ -456,11 +405,7 @@ fn sources_outside_the_cluster_cidr_are_masqueraded_to_a_clusterip() {
         )
         .seen();
     assert_eq!(s.src, NODE_IP);
-    let r = from_pod_a(
-        &mut lab,
-        tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK),
-    )
-    .seen();
+    let r = from_pod_a(&mut lab, tcp((POD_A, 8080), (NODE_IP, s.ports.0), TCP_SYN | TCP_ACK)).seen();
     assert_eq!(
         (r.dst, r.ports.1, r.dst_mac),
         (EXT_IP, 6000, EXT_MAC),
@@ -479,15 +424,9 @@ fn service_without_endpoints_answers_port_unreachable_rate_limited() {
     t.node_port = None;
     t.endpoints.clear();
     let mut lab = Lab::new(&[s, t]);
-    let probe = udp((POD_B, 5353), (CLUSTER_IP, 80))
-        .macs(POD_B_MAC, PORT_B_MAC)
-        .build();
+    let probe = udp((POD_B, 5353), (CLUSTER_IP, 80)).macs(POD_B_MAC, PORT_B_MAC).build();
     let out = lab.send(PORT_B, &probe);
-    assert_eq!(
-        out.tx_port(),
-        PORT_B,
-        "answered back out of the ingress port"
-    );
+    assert_eq!(out.tx_port(), PORT_B, "answered back out of the ingress port");
     let s = out.seen();
     assert_eq!((s.proto, s.ports), (1, (3, 3)), "ICMP port unreachable");
     assert_eq!(
@@ -520,34 +459,18 @@ fn half_open_flows_expire_and_established_ones_persist() {
     from_pod_b(&mut lab, tcp((POD_B, 1111), (CLUSTER_IP, 80), TCP_SYN));
     lab.advance(Duration::from_secs(121));
     // The SYN-ACK arrives too late: no flow, so it is not translated.
-    let late = from_pod_a(
-        &mut lab,
-        tcp((POD_A, 8080), (POD_B, 1111), TCP_SYN | TCP_ACK),
-    );
+    let late = from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 1111), TCP_SYN | TCP_ACK));
     assert_eq!(late.verdict, Verdict::Pass);
 
     from_pod_b(&mut lab, tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_SYN));
-    from_pod_a(
-        &mut lab,
-        tcp((POD_A, 8080), (POD_B, 2222), TCP_SYN | TCP_ACK),
-    );
+    from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 2222), TCP_SYN | TCP_ACK));
     from_pod_b(&mut lab, tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_ACK));
     lab.advance(Duration::from_secs(6 * 3600));
     let data = from_pod_b(&mut lab, tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_ACK));
-    assert_eq!(
-        data.seen().dst,
-        POD_A,
-        "established flow survives 6 idle hours"
-    );
+    assert_eq!(data.seen().dst, POD_A, "established flow survives 6 idle hours");
     // After both FINs it lingers only for TIME_WAIT.
-    from_pod_b(
-        &mut lab,
-        tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_ACK | TCP_FIN),
-    );
-    from_pod_a(
-        &mut lab,
-        tcp((POD_A, 8080), (POD_B, 2222), TCP_ACK | TCP_FIN),
-    );
+    from_pod_b(&mut lab, tcp((POD_B, 2222), (CLUSTER_IP, 80), TCP_ACK | TCP_FIN));
+    from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 2222), TCP_ACK | TCP_FIN));
     lab.advance(Duration::from_secs(121));
     assert_eq!(
         from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 2222), TCP_ACK)).verdict,
@@ -602,8 +525,7 @@ fn udp_flow_moves_at_once_when_its_backend_leaves() {
     assert_eq!(lab.worker.stats.flows_rebalanced, 1);
     // And the new mapping is stable.
     assert_eq!(
-        lab.send_from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)))
-            .tx_port(),
+        lab.send_from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80))).tx_port(),
         PORT_B
     );
     // A backend that stops serving (still listed) also loses its UDP flows.
@@ -614,8 +536,7 @@ fn udp_flow_moves_at_once_when_its_backend_leaves() {
     s.endpoints[0].serving = false;
     lab.update(|t| t.upsert_service(&s).unwrap());
     assert_eq!(
-        lab.send_from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80)))
-            .tx_port(),
+        lab.send_from_client(udp((CLIENT_IP, p), (CLUSTER_IP, 80))).tx_port(),
         PORT_B
     );
 }
@@ -676,12 +597,7 @@ fn conntrack_is_bounded() {
         lab.send_from_client(udp((client, 999), (CLUSTER_IP, 80)));
     }
     let ct = &lab.worker.flows().conntrack;
-    assert!(
-        ct.len() <= ct.capacity(),
-        "{} > {}",
-        ct.len(),
-        ct.capacity()
-    );
+    assert!(ct.len() <= ct.capacity(), "{} > {}", ct.len(), ct.capacity());
     assert!(lab.worker.stats.ct_evictions > 0);
 }
 
@@ -717,11 +633,7 @@ fn fragmentation_needed_for_replies_reaches_the_backend() {
         u16::from_be_bytes([out.bytes[q + 20], out.bytes[q + 21]]),
         u16::from_be_bytes([out.bytes[q + 22], out.bytes[q + 23]]),
     );
-    assert_eq!(
-        ports,
-        (8080, snat_port),
-        "quoted packet is what the backend sent"
-    );
+    assert_eq!(ports, (8080, snat_port), "quoted packet is what the backend sent");
     let mtu = u16::from_be_bytes([out.bytes[o.ip_off + 26], out.bytes[o.ip_off + 27]]);
     assert_eq!(mtu, 1400);
 }
@@ -729,20 +641,10 @@ fn fragmentation_needed_for_replies_reaches_the_backend() {
 #[test]
 fn icmp_errors_about_forwarded_packets_reach_the_client() {
     let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
-    let s = lab
-        .send_from_client(udp((CLIENT_IP, 5000), (NODE_IP, 30080)))
-        .seen();
+    let s = lab.send_from_client(udp((CLIENT_IP, 5000), (NODE_IP, 30080))).seen();
     // The backend's host answers "port unreachable" about our forwarded datagram.
     let fwd_on_wire = udp((NODE_IP, s.ports.0), (POD_A, 8080)).build();
-    let err = craft::icmp_error(
-        (POD_A_MAC, PORT_A_MAC),
-        POD_A,
-        NODE_IP,
-        3,
-        3,
-        0,
-        &fwd_on_wire[14..],
-    );
+    let err = craft::icmp_error((POD_A_MAC, PORT_A_MAC), POD_A, NODE_IP, 3, 3, 0, &fwd_on_wire[14..]);
     let out = lab.send(PORT_A, &err);
     assert_eq!(out.tx_port(), UPLINK);
     let o = out.seen();
@@ -750,9 +652,7 @@ fn icmp_errors_about_forwarded_packets_reach_the_client() {
     let q = o.ip_off + 28;
     let qip = ipv4::parse_header(&out.bytes, q).unwrap();
     assert_eq!((qip.src, qip.dst), (CLIENT_IP, NODE_IP));
-    let qs = wl4::parse_quoted(&out.bytes, &qip, out.bytes.len())
-        .unwrap()
-        .unwrap();
+    let qs = wl4::parse_quoted(&out.bytes, &qip, out.bytes.len()).unwrap().unwrap();
     assert_eq!((qs.src_port, qs.dst_port), (5000, 30080));
     // The quoted UDP checksum was updated too (it is inside the quote).
     let whole = out.bytes[q..].to_vec();
@@ -785,10 +685,7 @@ fn pod_traffic_to_another_node_is_vxlan_encapsulated() {
     assert!(i.checksums_ok);
     // The same flow always uses the same outer source port (ECMP-stable).
     let again = from_pod_b(&mut lab, tcp((POD_B, 4444), (REMOTE_POD, 9000), TCP_ACK));
-    assert_eq!(
-        craft::unwrap_vxlan(&again.bytes).unwrap().0.ports.0,
-        outer.ports.0
-    );
+    assert_eq!(craft::unwrap_vxlan(&again.bytes).unwrap().0.ports.0, outer.ports.0);
     assert_eq!(lab.worker.stats.encapsulated, 2);
 }
 
@@ -802,30 +699,14 @@ fn vxlan_for_this_node_is_decapsulated_and_delivered() {
     let out = lab.send(UPLINK, &frame);
     assert_eq!(out.tx_port(), PORT_A);
     let s = out.seen();
-    assert_eq!(
-        (s.src, s.dst, s.ttl, s.dst_mac),
-        (REMOTE_POD, POD_A, 63, POD_A_MAC)
-    );
+    assert_eq!((s.src, s.dst, s.ttl, s.dst_mac), (REMOTE_POD, POD_A, 63, POD_A_MAC));
     // Wrong VNI, or an inner TTL of 1: dropped and counted.
     let wrong = craft::vxlan((N2_MAC, UPLINK_MAC), N2_IP, NODE_IP, 8472, 2, &inner);
-    assert_eq!(
-        lab.send(UPLINK, &wrong).verdict,
-        Verdict::Drop(DropReason::WrongVni)
-    );
+    assert_eq!(lab.send(UPLINK, &wrong).verdict, Verdict::Drop(DropReason::WrongVni));
     let mut dying = tcp((REMOTE_POD, 9000), (POD_A, 4444), TCP_SYN).macs(N2_VTEP_MAC, VTEP_MAC);
     dying.ttl = 1;
-    let frame = craft::vxlan(
-        (N2_MAC, UPLINK_MAC),
-        N2_IP,
-        NODE_IP,
-        8472,
-        1,
-        &dying.build(),
-    );
-    assert_eq!(
-        lab.send(UPLINK, &frame).verdict,
-        Verdict::Drop(DropReason::TtlExceeded)
-    );
+    let frame = craft::vxlan((N2_MAC, UPLINK_MAC), N2_IP, NODE_IP, 8472, 1, &dying.build());
+    assert_eq!(lab.send(UPLINK, &frame).verdict, Verdict::Drop(DropReason::TtlExceeded));
     assert_eq!(lab.worker.stats.drop_count(DropReason::TtlExceeded), 1);
 }
 
@@ -846,10 +727,7 @@ fn clusterip_to_a_remote_backend_crosses_the_overlay_both_ways() {
     let back = lab.send(UPLINK, &frame);
     assert_eq!(back.tx_port(), PORT_B);
     let r = back.seen();
-    assert_eq!(
-        (r.src, r.ports.0, r.dst, r.ports.1),
-        (CLUSTER_IP, 80, POD_B, 4545)
-    );
+    assert_eq!((r.src, r.ports.0, r.dst, r.ports.1), (CLUSTER_IP, 80, POD_B, 4545));
 }
 
 #[test]
@@ -860,8 +738,7 @@ fn non_service_traffic_between_local_pods_or_from_outside_passes() {
         Verdict::Pass
     );
     assert_eq!(
-        lab.send_from_client(tcp((CLIENT_IP, 1), (POD_A, 2), TCP_SYN))
-            .verdict,
+        lab.send_from_client(tcp((CLIENT_IP, 1), (POD_A, 2), TCP_SYN)).verdict,
         Verdict::Pass
     );
 }
@@ -871,12 +748,9 @@ fn non_service_traffic_between_local_pods_or_from_outside_passes() {
 /// A frame as a local socket hands it to a veth with tx offload on: the L4
 /// checksum field holds only the pseudo-header sum (CHECKSUM_PARTIAL).
 fn partial_checksum_udp() -> Vec<u8> {
-    let mut b = udp((POD_B, 5353), (CLUSTER_IP, 80))
-        .macs(POD_B_MAC, PORT_B_MAC)
-        .build();
+    let mut b = udp((POD_B, 5353), (CLUSTER_IP, 80)).macs(POD_B_MAC, PORT_B_MAC).build();
     let ip = ipv4::parse(&b, 14).unwrap();
-    let pseudo =
-        dataplane::wire::checksum::pseudo_header(ip.src, ip.dst, ip.proto, ip.l4_len() as u16);
+    let pseudo = dataplane::wire::checksum::pseudo_header(ip.src, ip.dst, ip.proto, ip.l4_len() as u16);
     let folded = dataplane::wire::checksum::fold(pseudo);
     b[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&folded.to_be_bytes());
     b
@@ -887,10 +761,7 @@ fn full_checksum_policy_repairs_partial_checksums_incremental_does_not() {
     use dataplane::craft::Buffer;
     use dataplane::flow::FlowState;
     use std::sync::Arc;
-    for (policy, want_ok) in [
-        (ChecksumPolicy::Incremental, false),
-        (ChecksumPolicy::Full, true),
-    ] {
+    for (policy, want_ok) in [(ChecksumPolicy::Incremental, false), (ChecksumPolicy::Full, true)] {
         let mut t = base_tables();
         let mut n = node_config();
         n.checksum = policy;
@@ -909,10 +780,6 @@ fn full_checksum_policy_repairs_partial_checksums_incremental_does_not() {
         let (start, len) = (f.headroom(), f.len());
         b.start = start;
         b.len = len;
-        assert_eq!(
-            craft::inspect(b.bytes()).unwrap().checksums_ok,
-            want_ok,
-            "{policy:?}"
-        );
+        assert_eq!(craft::inspect(b.bytes()).unwrap().checksums_ok, want_ok, "{policy:?}");
     }
 }

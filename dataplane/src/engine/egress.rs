@@ -3,6 +3,7 @@
 
 use std::net::Ipv4Addr;
 
+use super::route_cache::Egress;
 use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
 use crate::addr::Mac;
 use crate::hash;
@@ -20,31 +21,24 @@ const VXLAN_SRC_PORT_BASE: u16 = 49152;
 impl Worker {
     /// Sends the packet (already NATed and TTL-decremented) toward
     /// `pkt.ip.dst`, rewriting its L2 header for the egress port.
-    pub(super) fn send(
-        &mut self,
-        t: &Tables,
-        frame: &mut Frame,
-        pkt: &Pkt,
-    ) -> Result<Verdict, DropReason> {
-        let node = t.node();
+    pub(super) fn send(&mut self, t: &Tables, frame: &mut Frame, pkt: &Pkt) -> Result<Verdict, DropReason> {
         let dst = pkt.ip.dst;
-        if let Some(pod) = t.local_pod(dst) {
-            let port = node.port(pod.port).ok_or(DropReason::UnknownPort)?;
-            set_l2(frame, &pkt.l2, pod.mac, port.mac, port.vlan)?;
-            return Ok(Verdict::Tx(pod.port));
+        let egress = match self.routes.get(t.generation(), dst) {
+            Some(e) => e,
+            None => {
+                let e = resolve(t, dst)?;
+                self.routes.put(t.generation(), dst, e);
+                e
+            }
+        };
+        match egress {
+            Egress::Direct { port, mac } => {
+                let p = t.node().port(port).ok_or(DropReason::UnknownPort)?;
+                set_l2(frame, &pkt.l2, mac, p.mac, p.vlan)?;
+                Ok(Verdict::Tx(port))
+            }
+            Egress::Overlay { node, next_hop } => self.encap(t, frame, pkt, node, next_hop),
         }
-        if let Some(remote) = t.remote_node(dst) {
-            return self.encap(t, frame, pkt, remote);
-        }
-        if node.is_node_ip(dst) {
-            // A host-network backend on this very node: kxp has no path into
-            // the local stack from userspace.
-            return Err(DropReason::NoRoute);
-        }
-        let mac = uplink_next_hop(t, dst)?;
-        let up = node.port(node.uplink).ok_or(DropReason::UnknownPort)?;
-        set_l2(frame, &pkt.l2, mac, up.mac, up.vlan)?;
-        Ok(Verdict::Tx(node.uplink))
     }
 
     /// Wraps the IP packet in Ethernet/IPv4/UDP/VXLAN toward `remote`.
@@ -54,11 +48,11 @@ impl Worker {
         frame: &mut Frame,
         pkt: &Pkt,
         remote: RemoteNode,
+        next_hop: Mac,
     ) -> Result<Verdict, DropReason> {
         let node = t.node();
         let up = node.port(node.uplink).ok_or(DropReason::UnknownPort)?;
         let src_ip = node.vtep_ip().ok_or(DropReason::NoRoute)?;
-        let next_hop = uplink_next_hop(t, remote.node_ip)?;
         let flow_hash = inner_flow_hash(frame.data(), &pkt.ip);
         set_l2(frame, &pkt.l2, remote.vtep_mac, node.vxlan.vtep_mac, None)?;
         let inner_len = frame.len();
@@ -128,6 +122,32 @@ impl Worker {
     }
 }
 
+/// The egress decision for `dst` from the tables: local pod, remote pod
+/// CIDR (overlay), or the uplink.
+fn resolve(t: &Tables, dst: Ipv4Addr) -> Result<Egress, DropReason> {
+    if let Some(pod) = t.local_pod(dst) {
+        return Ok(Egress::Direct {
+            port: pod.port,
+            mac: pod.mac,
+        });
+    }
+    if let Some(node) = t.remote_node(dst) {
+        return Ok(Egress::Overlay {
+            node,
+            next_hop: uplink_next_hop(t, node.node_ip)?,
+        });
+    }
+    if t.node().is_node_ip(dst) {
+        // A host-network backend on this very node: kxp has no path into
+        // the local stack from userspace.
+        return Err(DropReason::NoRoute);
+    }
+    Ok(Egress::Direct {
+        port: t.node().uplink,
+        mac: uplink_next_hop(t, dst)?,
+    })
+}
+
 /// MAC of the next hop on the uplink for `dst`: the host itself when it is on
 /// the uplink subnet, the gateway otherwise.
 fn uplink_next_hop(t: &Tables, dst: Ipv4Addr) -> Result<Mac, DropReason> {
@@ -142,13 +162,7 @@ fn uplink_next_hop(t: &Tables, dst: Ipv4Addr) -> Result<Mac, DropReason> {
 
 /// Replaces the L2 header (length `cur.len`) in front of the IP packet with
 /// one for the egress port.
-fn set_l2(
-    frame: &mut Frame,
-    cur: &L2,
-    dst: Mac,
-    src: Mac,
-    vlan: Option<u16>,
-) -> Result<(), DropReason> {
+fn set_l2(frame: &mut Frame, cur: &L2, dst: Mac, src: Mac, vlan: Option<u16>) -> Result<(), DropReason> {
     let want = ethernet::header_len(vlan);
     if want > cur.len {
         frame.push_front(want - cur.len)?;
@@ -167,13 +181,7 @@ fn inner_flow_hash(b: &[u8], ip: &ipv4::Ipv4) -> u64 {
         }
         _ => (0, 0),
     };
-    hash::flow(
-        u32::from(ip.src),
-        u32::from(ip.dst),
-        ports.0,
-        ports.1,
-        ip.proto,
-    )
+    hash::flow(u32::from(ip.src), u32::from(ip.dst), ports.0, ports.1, ip.proto)
 }
 
 pub(super) fn answer_l2(frame: &mut Frame, pkt: &Pkt, t: &Tables) -> Result<(), DropReason> {

@@ -37,10 +37,10 @@ impl Worker {
             Endpoint::new(qip.dst, q4.dst_port),
             q4.proto,
         );
-        let Some((dir, fwd, rep)) =
-            self.flows
-                .conntrack
-                .with_flow(now, &quoted.reversed(), |d, e| (d, e.fwd, e.rep))
+        let Some((dir, fwd, rep)) = self
+            .flows
+            .conntrack
+            .with_flow(now, &quoted.reversed(), |d, e| (d, e.fwd, e.rep))
         else {
             return Ok(None);
         };

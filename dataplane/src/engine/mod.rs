@@ -21,6 +21,7 @@ mod egress;
 mod icmp_error;
 mod nat;
 mod reply;
+mod route_cache;
 mod stats;
 
 use std::sync::Arc;
@@ -63,6 +64,7 @@ pub struct Worker {
     pub stats: Stats,
     limiter: TokenBucket,
     ip_id: u16,
+    routes: route_cache::RouteCache,
     sweep_scratch: Vec<(crate::flow::FlowKey, usize)>,
 }
 
@@ -82,6 +84,7 @@ impl Worker {
             stats: Stats::default(),
             limiter: TokenBucket::default(),
             ip_id: 0,
+            routes: route_cache::RouteCache::default(),
             sweep_scratch: Vec::with_capacity(4096),
         }
     }
@@ -90,19 +93,13 @@ impl Worker {
         &self.flows
     }
 
-    /// Processes one frame. See the module docs for the contract.
-    pub fn process(
-        &mut self,
-        now: Time,
-        t: &Tables,
-        ingress: PortId,
-        frame: &mut Frame,
-    ) -> Verdict {
+    /// Processes one frame. See the module docs for the contract. `t` must
+    /// be a published snapshot (or one that is not edited between calls):
+    /// the worker caches egress decisions per table generation.
+    pub fn process(&mut self, now: Time, t: &Tables, ingress: PortId, frame: &mut Frame) -> Verdict {
         self.stats.rx_packets += 1;
         self.stats.rx_bytes += frame.len() as u64;
-        let v = self
-            .dispatch(now, t, ingress, frame)
-            .unwrap_or_else(Verdict::Drop);
+        let v = self.dispatch(now, t, ingress, frame).unwrap_or_else(Verdict::Drop);
         match v {
             Verdict::Tx(_) => {
                 self.stats.tx_packets += 1;
@@ -119,13 +116,7 @@ impl Worker {
         self.flows.conntrack.sweep(now, &mut self.sweep_scratch)
     }
 
-    fn dispatch(
-        &mut self,
-        now: Time,
-        t: &Tables,
-        ingress: PortId,
-        frame: &mut Frame,
-    ) -> Result<Verdict, DropReason> {
+    fn dispatch(&mut self, now: Time, t: &Tables, ingress: PortId, frame: &mut Frame) -> Result<Verdict, DropReason> {
         let origin = match t.node().port(ingress) {
             Some(p) if p.role == PortRole::Uplink => Origin::Uplink,
             Some(_) => Origin::Pod,
@@ -160,13 +151,7 @@ impl Worker {
         self.handle_ip(now, t, frame, pkt)
     }
 
-    fn handle_ip(
-        &mut self,
-        now: Time,
-        t: &Tables,
-        frame: &mut Frame,
-        pkt: Pkt,
-    ) -> Result<Verdict, DropReason> {
+    fn handle_ip(&mut self, now: Time, t: &Tables, frame: &mut Frame, pkt: Pkt) -> Result<Verdict, DropReason> {
         if let Some(l4) = l4::parse(frame.data(), &pkt.ip)? {
             return self.handle_l4(now, t, frame, pkt, l4);
         }
@@ -183,12 +168,7 @@ impl Worker {
 
     /// Traffic that is not for a service: overlay routing for pods, else the
     /// kernel's.
-    fn forward_plain(
-        &mut self,
-        t: &Tables,
-        frame: &mut Frame,
-        mut pkt: Pkt,
-    ) -> Result<Verdict, DropReason> {
+    fn forward_plain(&mut self, t: &Tables, frame: &mut Frame, mut pkt: Pkt) -> Result<Verdict, DropReason> {
         let routed = match pkt.origin {
             Origin::Pod => t.remote_node(pkt.ip.dst).is_some(),
             Origin::Overlay => {

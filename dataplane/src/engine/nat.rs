@@ -84,12 +84,7 @@ impl Worker {
         let timeouts = ct.timeouts();
         ct.with_flow(now, key, |dir, e| {
             let forward = dir == Dir::Forward;
-            if forward
-                && l4.proto == Proto::Tcp
-                && l4.has(TCP_SYN)
-                && !l4.has(TCP_ACK)
-                && e.state.is_finished()
-            {
+            if forward && l4.proto == Proto::Tcp && l4.has(TCP_SYN) && !l4.has(TCP_ACK) && e.state.is_finished() {
                 return Tracked::Restart { fwd: e.fwd };
             }
             if forward && e.checked_gen != generation {
@@ -206,9 +201,7 @@ impl Worker {
             Err(InsertError::Exists) => {
                 // Another worker created it a moment ago: use that one.
                 return match self.track(now, t, &key, &l4) {
-                    Tracked::Hit { rep, .. } => {
-                        self.translate(t, frame, pkt, l4, rep.dst(), rep.src())
-                    }
+                    Tracked::Hit { rep, .. } => self.translate(t, frame, pkt, l4, rep.dst(), rep.src()),
                     _ => Err(DropReason::ConntrackFull),
                 };
             }
@@ -234,22 +227,10 @@ impl Worker {
         }
         frame.truncate(pkt.ip.end());
         let b = frame.data_mut();
-        let old = (pkt.ip.src, pkt.ip.dst);
-        if src.ip != pkt.ip.src {
-            ipv4::set_src(b, &mut pkt.ip, src.ip);
-        }
-        if dst.ip != pkt.ip.dst {
-            ipv4::set_dst(b, &mut pkt.ip, dst.ip);
-        }
-        ipv4::decrement_ttl(b, &mut pkt.ip);
-        match t.node().checksum {
-            ChecksumPolicy::Incremental => {
-                l4::rewrite(b, &mut l4, old, (src.ip, dst.ip), (src.port, dst.port));
-            }
-            ChecksumPolicy::Full => {
-                l4::rewrite(b, &mut l4, old, (src.ip, dst.ip), (src.port, dst.port));
-                l4::fill_checksum(b, &pkt.ip, &l4, false);
-            }
+        let addrs = ipv4::nat_forward(b, &mut pkt.ip, src.ip, dst.ip);
+        l4::rewrite_ports(b, &mut l4, addrs, src.port, dst.port);
+        if t.node().checksum == ChecksumPolicy::Full {
+            l4::fill_checksum(b, &pkt.ip, &l4, false);
         }
         self.send(t, frame, &pkt)
     }

@@ -25,9 +25,9 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// Takes one token if available at `rate` per second with `burst` depth.
     pub fn take(&mut self, now: Time, (rate, burst): (u32, u32)) -> bool {
-        let elapsed = self.last.map_or(f64::from(burst), |l| {
-            now.since(l).as_secs_f64() * f64::from(rate)
-        });
+        let elapsed = self
+            .last
+            .map_or(f64::from(burst), |l| now.since(l).as_secs_f64() * f64::from(rate));
         self.tokens = (self.tokens + elapsed).min(f64::from(burst));
         self.last = Some(now);
         if self.tokens >= 1.0 {
@@ -42,13 +42,7 @@ impl TokenBucket {
 impl Worker {
     /// Answers with ICMP destination unreachable / port unreachable, quoting
     /// the offending datagram, from the address the client tried.
-    pub(super) fn reject(
-        &mut self,
-        now: Time,
-        t: &Tables,
-        frame: &mut Frame,
-        pkt: Pkt,
-    ) -> Result<Verdict, DropReason> {
+    pub(super) fn reject(&mut self, now: Time, t: &Tables, frame: &mut Frame, pkt: Pkt) -> Result<Verdict, DropReason> {
         if !self.limiter.take(now, t.node().reject_rate) {
             return Err(DropReason::RejectRateLimited);
         }
@@ -73,13 +67,7 @@ impl Worker {
                 dst: pkt.ip.src,
             },
         );
-        icmp::write_header(
-            b,
-            ip.l4_off(),
-            TYPE_DEST_UNREACHABLE,
-            CODE_PORT_UNREACHABLE,
-            0,
-        );
+        icmp::write_header(b, ip.l4_off(), TYPE_DEST_UNREACHABLE, CODE_PORT_UNREACHABLE, 0);
         icmp::fill_checksum(b, &ip);
         self.stats.rejects += 1;
         self.answer(t, frame, Pkt { ip, ..pkt })
@@ -103,8 +91,7 @@ impl Worker {
         let (rst_seq, rst_ack, flags) = if l4.has(TCP_ACK) {
             (ack, 0, TCP_RST)
         } else {
-            let len =
-                l4.payload_len as u32 + u32::from(l4.has(TCP_SYN)) + u32::from(l4.has(TCP_FIN));
+            let len = l4.payload_len as u32 + u32::from(l4.has(TCP_SYN)) + u32::from(l4.has(TCP_FIN));
             (0, seq.wrapping_add(len), TCP_RST | TCP_ACK)
         };
         let l2 = pkt.l2.len;

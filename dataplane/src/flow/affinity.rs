@@ -32,11 +32,7 @@ impl Affinity {
         let per_shard = capacity.div_ceil(SHARDS).max(1);
         Affinity {
             shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
-                        map: HashTable::new(),
-                    })
-                })
+                .map(|_| Mutex::new(Shard { map: HashTable::new() }))
                 .collect(),
             per_shard,
             hasher: ahash::RandomState::new(),
@@ -48,13 +44,7 @@ impl Affinity {
     }
 
     /// The remembered backend if it was used less than `timeout` ago.
-    pub fn get(
-        &self,
-        now: Time,
-        svc: SvcId,
-        client: Ipv4Addr,
-        timeout: Duration,
-    ) -> Option<BackendAddr> {
+    pub fn get(&self, now: Time, svc: SvcId, client: Ipv4Addr, timeout: Duration) -> Option<BackendAddr> {
         let k = (svc, client);
         let h = self.hasher.hash_one(k);
         let s = self.shard(h).lock();
@@ -66,14 +56,7 @@ impl Affinity {
     /// full, stale records (older than `timeout`) are dropped first; if none
     /// is stale the record is not kept and the client is balanced by Maglev
     /// alone (reported as `false`).
-    pub fn set(
-        &self,
-        now: Time,
-        svc: SvcId,
-        client: Ipv4Addr,
-        backend: BackendAddr,
-        timeout: Duration,
-    ) -> bool {
+    pub fn set(&self, now: Time, svc: SvcId, client: Ipv4Addr, backend: BackendAddr, timeout: Duration) -> bool {
         let k = (svc, client);
         let h = self.hasher.hash_one(k);
         let mut s = self.shard(h).lock();

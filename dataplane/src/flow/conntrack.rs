@@ -86,8 +86,7 @@ impl Entry {
     /// Sets the state and restarts its timer from `now`.
     pub fn refresh(&mut self, now: Time, state: CtState, timeouts: &Timeouts) {
         self.state = state;
-        let t = secs(now)
-            .saturating_add(timeouts.for_state(state).as_secs().min(u64::from(u32::MAX)) as u32);
+        let t = secs(now).saturating_add(timeouts.for_state(state).as_secs().min(u64::from(u32::MAX)) as u32);
         self.expires = t;
     }
 
@@ -203,12 +202,7 @@ impl Conntrack {
     /// Runs `f` on the flow `key` belongs to, in whichever direction it
     /// matches, under that entry's shard lock. Expired entries count as
     /// absent (and are removed).
-    pub fn with_flow<R>(
-        &self,
-        now: Time,
-        key: &FlowKey,
-        f: impl FnOnce(Dir, &mut Entry) -> R,
-    ) -> Option<R> {
+    pub fn with_flow<R>(&self, now: Time, key: &FlowKey, f: impl FnOnce(Dir, &mut Entry) -> R) -> Option<R> {
         let now_s = secs(now);
         let h = self.hash(key);
         let si = self.shard_index(h);
@@ -350,8 +344,7 @@ impl Conntrack {
                 match s.index.find(h, |(k, _)| *k == rep) {
                     None => {
                         let hasher = &self.hasher;
-                        s.index
-                            .insert_unique(h, (rep, link), |(k, _)| hasher.hash_one(k));
+                        s.index.insert_unique(h, (rep, link), |(k, _)| hasher.hash_one(k));
                         return true;
                     }
                     Some(&(_, v)) if v & LINK == 0 => return false,
@@ -438,10 +431,7 @@ impl Shard {
     /// slab and the index; the caller unlinks its reply key.
     fn remove_slot(&mut self, slot: usize, h: u64) -> Entry {
         let e = self.slab[slot].expect("removing a live slot");
-        if let Ok(occ) = self
-            .index
-            .find_entry(h, |(k, v)| *k == e.fwd && *v == slot as u32)
-        {
+        if let Ok(occ) = self.index.find_entry(h, |(k, v)| *k == e.fwd && *v == slot as u32) {
             occ.remove();
         }
         self.free_slot(slot);
@@ -485,10 +475,7 @@ impl Shard {
         self.hand = (self.hand + looked) % n;
         if best.is_none() {
             // The sample was all free or pending slots: scan for any live one.
-            return self
-                .slab
-                .iter()
-                .position(|e| e.is_some_and(|e| !e.pending()));
+            return self.slab.iter().position(|e| e.is_some_and(|e| !e.pending()));
         }
         best.map(|b| b.2)
     }
@@ -516,13 +503,7 @@ mod tests {
         })
     }
 
-    fn add(
-        c: &Conntrack,
-        now: Time,
-        fwd: FlowKey,
-        rep: FlowKey,
-        state: CtState,
-    ) -> Result<Inserted, InsertError> {
+    fn add(c: &Conntrack, now: Time, fwd: FlowKey, rep: FlowKey, state: CtState) -> Result<Inserted, InsertError> {
         c.insert(now, Entry::new(fwd, rep, SvcId(1), 0, state), |i| {
             (i == 0).then_some(rep)
         })
@@ -533,14 +514,8 @@ mod tests {
         let c = ct(1000);
         let (f, r) = (key(1, 1000, 1, 80), key(9, 8080, 1, 1000));
         add(&c, Time::ZERO, f, r, CtState::Established).unwrap();
-        assert_eq!(
-            c.with_flow(Time::ZERO, &f, |d, e| (d, e.rep)),
-            Some((Dir::Forward, r))
-        );
-        assert_eq!(
-            c.with_flow(Time::ZERO, &r, |d, e| (d, e.fwd)),
-            Some((Dir::Reply, f))
-        );
+        assert_eq!(c.with_flow(Time::ZERO, &f, |d, e| (d, e.rep)), Some((Dir::Forward, r)));
+        assert_eq!(c.with_flow(Time::ZERO, &r, |d, e| (d, e.fwd)), Some((Dir::Reply, f)));
         assert_eq!(c.with_flow(Time::ZERO, &key(2, 1, 1, 80), |_, _| ()), None);
         assert_eq!(c.len(), 1);
     }
@@ -573,11 +548,9 @@ mod tests {
         // No candidate at all: refused, nothing left behind.
         let f3 = key(1, 1000, 3, 80);
         assert_eq!(
-            c.insert(
-                Time::ZERO,
-                Entry::new(f3, r, SvcId(2), 0, CtState::Established),
-                |i| (i == 0).then_some(r)
-            ),
+            c.insert(Time::ZERO, Entry::new(f3, r, SvcId(2), 0, CtState::Established), |i| (i
+                == 0)
+                .then_some(r)),
             Err(InsertError::NoReplyTuple)
         );
         assert_eq!(c.len(), 2);
@@ -632,14 +605,7 @@ mod tests {
         let mut established = Vec::new();
         for i in 0..(per as u16 / 2) {
             let f = key(1, 2000 + i, 1, 80);
-            add(
-                &c,
-                Time::ZERO,
-                f,
-                key(9, 80, 1, 2000 + i),
-                CtState::Established,
-            )
-            .unwrap();
+            add(&c, Time::ZERO, f, key(9, 80, 1, 2000 + i), CtState::Established).unwrap();
             established.push(f);
         }
         let mut evictions = 0;
@@ -658,11 +624,7 @@ mod tests {
             .iter()
             .filter(|f| c.with_flow(Time::ZERO, f, |_, _| ()).is_some())
             .count();
-        assert_eq!(
-            survivors,
-            established.len(),
-            "a SYN flood evicted established flows"
-        );
+        assert_eq!(survivors, established.len(), "a SYN flood evicted established flows");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use crate::addr::{Endpoint, Proto};
 
 /// One direction of a TCP/UDP flow, as it appears on the wire. 16 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowKey {
     src_ip: u32,
     dst_ip: u32,
@@ -47,13 +47,18 @@ impl FlowKey {
     /// Deterministic hash (same on every node) for Maglev.
     #[inline]
     pub fn stable_hash(&self) -> u64 {
-        crate::hash::flow(
-            self.src_ip,
-            self.dst_ip,
-            self.src_port,
-            self.dst_port,
-            self.proto as u8,
-        )
+        crate::hash::flow(self.src_ip, self.dst_ip, self.src_port, self.dst_port, self.proto as u8)
+    }
+}
+
+impl std::hash::Hash for FlowKey {
+    // Two words instead of five field writes: the conntrack hash is on the
+    // per-packet path.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64((u64::from(self.src_ip) << 32) | u64::from(self.dst_ip));
+        state.write_u64(
+            (u64::from(self.src_port) << 32) | (u64::from(self.dst_port) << 16) | u64::from(self.proto as u8),
+        );
     }
 }
 

@@ -116,9 +116,7 @@ pub fn tcp_advance(state: CtState, fins: &mut u8, flags: u8, forward: bool) -> C
         return CtState::Closing;
     }
     match state {
-        CtState::SynSent if !forward && flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => {
-            CtState::SynRecv
-        }
+        CtState::SynSent if !forward && flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => CtState::SynRecv,
         CtState::SynRecv if forward && flags & TCP_ACK != 0 => CtState::Established,
         s => s,
     }
@@ -173,10 +171,7 @@ mod tests {
     #[test]
     fn timeouts_follow_kube_proxy_defaults() {
         let t = Timeouts::default();
-        assert_eq!(
-            t.for_state(CtState::Established),
-            Duration::from_secs(86400)
-        );
+        assert_eq!(t.for_state(CtState::Established), Duration::from_secs(86400));
         assert_eq!(t.for_state(CtState::Closing), Duration::from_secs(3600));
         assert!(t.for_state(CtState::SynSent) < t.for_state(CtState::Established));
     }

@@ -57,14 +57,10 @@ impl Maglev {
     pub fn new(backends: &[BackendAddr], prev_size: Option<usize>) -> Self {
         let n = backends.len().min(MAX_BACKENDS);
         if n == 0 {
-            return Maglev {
-                slots: Box::new([]),
-            };
+            return Maglev { slots: Box::new([]) };
         }
         if n == 1 {
-            return Maglev {
-                slots: Box::new([0]),
-            };
+            return Maglev { slots: Box::new([0]) };
         }
         let m = Self::size_for(n, prev_size);
         let perms: Vec<(usize, usize)> = backends[..n]
@@ -137,19 +133,10 @@ mod tests {
             .collect()
     }
 
-    fn assignment(
-        bs: &[BackendAddr],
-        prev: Option<usize>,
-        flows: u64,
-    ) -> (Vec<BackendAddr>, usize) {
+    fn assignment(bs: &[BackendAddr], prev: Option<usize>, flows: u64) -> (Vec<BackendAddr>, usize) {
         let t = Maglev::new(bs, prev);
         let m = t.len();
-        (
-            (0..flows)
-                .map(|f| bs[t.pick(hash::mix64(f)).unwrap()])
-                .collect(),
-            m,
-        )
+        ((0..flows).map(|f| bs[t.pick(hash::mix64(f)).unwrap()]).collect(), m)
     }
 
     fn moved(a: &[BackendAddr], b: &[BackendAddr]) -> f64 {
@@ -180,10 +167,7 @@ mod tests {
         }
         let ideal = t.len() / 10;
         for c in per {
-            assert!(
-                c.abs_diff(ideal) <= ideal / 10,
-                "slot share {c} vs ideal {ideal}"
-            );
+            assert!(c.abs_diff(ideal) <= ideal / 10, "slot share {c} vs ideal {ideal}");
         }
     }
 

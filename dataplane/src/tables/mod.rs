@@ -74,12 +74,7 @@ pub enum TableError {
         proto: Proto,
     },
     #[error("service {name}: NodePort {port} is outside the node port range {lo}-{hi}")]
-    NodePortOutOfRange {
-        name: String,
-        port: u16,
-        lo: u16,
-        hi: u16,
-    },
+    NodePortOutOfRange { name: String, port: u16, lo: u16, hi: u16 },
 }
 
 /// Where a destination matched a service, and through which frontend kind.
@@ -138,11 +133,7 @@ impl Tables {
     /// externalIP / LoadBalancer frontend, or a NodePort on a node address.
     #[inline]
     pub fn service_for(&self, dst: Ipv4Addr, port: u16, proto: Proto) -> Option<ServiceMatch<'_>> {
-        if let Some((svc, reach)) = self.frontends.get(&Frontend {
-            ip: dst,
-            port,
-            proto,
-        }) {
+        if let Some((svc, reach)) = self.frontends.get(&Frontend { ip: dst, port, proto }) {
             return Some(ServiceMatch { svc, reach: *reach });
         }
         if self.node.is_node_port(port) && self.node.is_node_ip(dst) {
@@ -187,10 +178,7 @@ impl Tables {
 
     /// Adds or replaces one service port. On error nothing changes.
     pub fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<(), TableError> {
-        let svc = Arc::new(ServicePort::compile(
-            spec,
-            self.services.get(&spec.id).map(|p| &**p),
-        ));
+        let svc = Arc::new(ServicePort::compile(spec, self.services.get(&spec.id).map(|p| &**p)));
         for (fe, _) in svc.frontends() {
             if let Some((owner, _)) = self.frontends.get(fe) {
                 if owner.id != spec.id {
@@ -247,11 +235,7 @@ impl Tables {
             }
         }
         if let Some(np) = old.node_port {
-            if self
-                .node_ports
-                .get(&(old.proto, np))
-                .is_some_and(|s| s.id == id)
-            {
+            if self.node_ports.get(&(old.proto, np)).is_some_and(|s| s.id == id) {
                 self.node_ports.remove(&(old.proto, np));
             }
         }
@@ -359,13 +343,7 @@ mod tests {
     }
 
     fn svc(id: u32, ip: [u8; 4], port: u16) -> ServiceSpec {
-        let mut s = ServiceSpec::cluster_ip(
-            SvcId(id),
-            &format!("ns/s{id}:p"),
-            ip.into(),
-            port,
-            Proto::Tcp,
-        );
+        let mut s = ServiceSpec::cluster_ip(SvcId(id), &format!("ns/s{id}:p"), ip.into(), port, Proto::Tcp);
         s.endpoints.push(EndpointInfo {
             addr: BackendAddr(Endpoint::new(Ipv4Addr::new(10, 244, 0, 2), 8080)),
             ready: true,
@@ -381,26 +359,20 @@ mod tests {
         let p = Publisher::new(Tables::new(node()));
         let r = p.reader();
         let before = r.load();
-        p.update(|t| t.upsert_service(&svc(1, [10, 96, 0, 1], 80)))
-            .unwrap();
+        p.update(|t| t.upsert_service(&svc(1, [10, 96, 0, 1], 80))).unwrap();
         assert!(before
             .service_for(Ipv4Addr::new(10, 96, 0, 1), 80, Proto::Tcp)
             .is_none());
         let after = r.load();
         assert_eq!(after.generation(), 1);
-        assert!(after
-            .service_for(Ipv4Addr::new(10, 96, 0, 1), 80, Proto::Tcp)
-            .is_some());
+        assert!(after.service_for(Ipv4Addr::new(10, 96, 0, 1), 80, Proto::Tcp).is_some());
     }
 
     #[test]
     fn duplicate_frontend_is_rejected_and_tables_unchanged() {
         let p = Publisher::new(Tables::new(node()));
-        p.update(|t| t.upsert_service(&svc(1, [10, 96, 0, 1], 80)))
-            .unwrap();
-        let err = p
-            .update(|t| t.upsert_service(&svc(2, [10, 96, 0, 1], 80)))
-            .unwrap_err();
+        p.update(|t| t.upsert_service(&svc(1, [10, 96, 0, 1], 80))).unwrap();
+        let err = p.update(|t| t.upsert_service(&svc(2, [10, 96, 0, 1], 80))).unwrap_err();
         assert!(
             err.to_string().contains("ns/s2:p") && err.to_string().contains("ns/s1:p"),
             "{err}"
@@ -425,9 +397,7 @@ mod tests {
             t.upsert_service(&b),
             Err(TableError::DuplicateNodePort { .. })
         ));
-        let m = t
-            .service_for(Ipv4Addr::new(192, 168, 0, 1), 30080, Proto::Tcp)
-            .unwrap();
+        let m = t.service_for(Ipv4Addr::new(192, 168, 0, 1), 30080, Proto::Tcp).unwrap();
         assert_eq!((m.svc.id, m.reach), (SvcId(1), Reach::External));
         assert!(t
             .service_for(Ipv4Addr::new(192, 168, 0, 9), 30080, Proto::Tcp)
@@ -439,16 +409,10 @@ mod tests {
         let mut t = Tables::new(node());
         t.upsert_service(&svc(1, [10, 96, 0, 1], 80)).unwrap();
         t.upsert_service(&svc(1, [10, 96, 0, 9], 80)).unwrap();
-        assert!(t
-            .service_for(Ipv4Addr::new(10, 96, 0, 1), 80, Proto::Tcp)
-            .is_none());
-        assert!(t
-            .service_for(Ipv4Addr::new(10, 96, 0, 9), 80, Proto::Tcp)
-            .is_some());
+        assert!(t.service_for(Ipv4Addr::new(10, 96, 0, 1), 80, Proto::Tcp).is_none());
+        assert!(t.service_for(Ipv4Addr::new(10, 96, 0, 9), 80, Proto::Tcp).is_some());
         t.remove_service(SvcId(1));
-        assert!(t
-            .service_for(Ipv4Addr::new(10, 96, 0, 9), 80, Proto::Tcp)
-            .is_none());
+        assert!(t.service_for(Ipv4Addr::new(10, 96, 0, 9), 80, Proto::Tcp).is_none());
         assert_eq!(t.service_count(), 0);
     }
 

@@ -75,16 +75,8 @@ impl BackendSet {
     /// The usable endpoints among `eps` that pass `filter`: the ready ones,
     /// or, when none is ready, the serving-and-terminating ones (KEP-1669),
     /// so a rolling update that leaves only terminating pods still serves.
-    fn usable(
-        eps: &[EndpointInfo],
-        prev: Option<&BackendSet>,
-        filter: impl Fn(&EndpointInfo) -> bool,
-    ) -> Self {
-        let mut picked: Vec<BackendAddr> = eps
-            .iter()
-            .filter(|e| filter(e) && e.ready)
-            .map(|e| e.addr)
-            .collect();
+    fn usable(eps: &[EndpointInfo], prev: Option<&BackendSet>, filter: impl Fn(&EndpointInfo) -> bool) -> Self {
+        let mut picked: Vec<BackendAddr> = eps.iter().filter(|e| filter(e) && e.ready).map(|e| e.addr).collect();
         if picked.is_empty() {
             picked = eps
                 .iter()
@@ -159,9 +151,8 @@ impl ServicePort {
         endpoints.sort_by_key(|e| e.addr);
         endpoints.dedup_by_key(|e| e.addr);
         let cluster = BackendSet::usable(&endpoints, prev.map(|p| &p.cluster), |_| true);
-        let local = (spec.external_local || spec.internal_local).then(|| {
-            BackendSet::usable(&endpoints, prev.and_then(|p| p.local.as_ref()), |e| e.local)
-        });
+        let local = (spec.external_local || spec.internal_local)
+            .then(|| BackendSet::usable(&endpoints, prev.and_then(|p| p.local.as_ref()), |e| e.local));
         let fe = |ip: &Ipv4Addr| Frontend {
             ip: *ip,
             port: spec.port,
@@ -172,11 +163,7 @@ impl ServicePort {
             .iter()
             .map(|ip| (fe(ip), Reach::Internal))
             .chain(spec.external_ips.iter().map(|ip| (fe(ip), Reach::External)))
-            .chain(
-                spec.load_balancer_ips
-                    .iter()
-                    .map(|ip| (fe(ip), Reach::External)),
-            )
+            .chain(spec.load_balancer_ips.iter().map(|ip| (fe(ip), Reach::External)))
             .collect();
         ServicePort {
             id: spec.id,
@@ -251,13 +238,7 @@ mod tests {
     }
 
     fn spec(eps: Vec<EndpointInfo>) -> ServiceSpec {
-        let mut s = ServiceSpec::cluster_ip(
-            SvcId(1),
-            "ns/web:http",
-            Ipv4Addr::new(10, 96, 0, 1),
-            80,
-            Proto::Tcp,
-        );
+        let mut s = ServiceSpec::cluster_ip(SvcId(1), "ns/web:http", Ipv4Addr::new(10, 96, 0, 1), 80, Proto::Tcp);
         s.endpoints = eps;
         s
     }
@@ -265,10 +246,7 @@ mod tests {
     #[test]
     fn ready_endpoints_are_preferred() {
         let s = ServicePort::compile(
-            &spec(vec![
-                ep(1, true, true, false, false),
-                ep(2, false, true, true, false),
-            ]),
+            &spec(vec![ep(1, true, true, false, false), ep(2, false, true, true, false)]),
             None,
         );
         let set = s.backends_for(Reach::Internal, true);
@@ -298,18 +276,11 @@ mod tests {
 
     #[test]
     fn traffic_policies_pick_local_sets() {
-        let mut sp = spec(vec![
-            ep(1, true, true, false, true),
-            ep(2, true, true, false, false),
-        ]);
+        let mut sp = spec(vec![ep(1, true, true, false, true), ep(2, true, true, false, false)]);
         sp.external_local = true;
         let s = ServicePort::compile(&sp, None);
         assert_eq!(s.backends_for(Reach::External, false).len(), 1);
-        assert_eq!(
-            s.backends_for(Reach::External, true).len(),
-            2,
-            "pods use all endpoints"
-        );
+        assert_eq!(s.backends_for(Reach::External, true).len(), 2, "pods use all endpoints");
         assert_eq!(s.backends_for(Reach::Internal, false).len(), 2);
         assert_eq!(s.local_usable(), 1);
         sp.external_local = false;

@@ -27,6 +27,7 @@ pub struct L2 {
     pub ethertype: u16,
 }
 
+#[inline]
 pub fn parse(frame: &[u8]) -> Result<L2, WireError> {
     if frame.len() < HEADER_LEN {
         return Err(WireError::TruncatedEthernet);
@@ -49,15 +50,18 @@ pub fn parse(frame: &[u8]) -> Result<L2, WireError> {
     })
 }
 
+#[inline]
 pub fn dst(frame: &[u8]) -> Mac {
     Mac(frame[0..6].try_into().expect("6 bytes"))
 }
 
+#[inline]
 pub fn src(frame: &[u8]) -> Mac {
     Mac(frame[6..12].try_into().expect("6 bytes"))
 }
 
 /// Header length for an optional tag.
+#[inline]
 pub fn header_len(vlan: Option<u16>) -> usize {
     if vlan.is_some() {
         HEADER_LEN + VLAN_TAG_LEN
@@ -68,6 +72,7 @@ pub fn header_len(vlan: Option<u16>) -> usize {
 
 /// Writes a header at the start of `frame`, which must hold
 /// `header_len(vlan)` bytes.
+#[inline]
 pub fn write(frame: &mut [u8], dst: Mac, src: Mac, vlan: Option<u16>, ethertype: u16) {
     frame[0..6].copy_from_slice(&dst.0);
     frame[6..12].copy_from_slice(&src.0);

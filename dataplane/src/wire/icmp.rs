@@ -25,6 +25,7 @@ pub struct Icmp {
 impl Icmp {
     /// Error messages quote the datagram that caused them; only those are
     /// translated through NAT.
+    #[inline]
     pub fn is_error(&self) -> bool {
         matches!(
             self.kind,
@@ -33,11 +34,13 @@ impl Icmp {
     }
 
     /// Offset of the quoted IP header of an error message.
+    #[inline]
     pub fn quoted_off(&self) -> usize {
         self.off + HEADER_LEN
     }
 }
 
+#[inline]
 pub fn parse(frame: &[u8], ip: &Ipv4) -> Result<Icmp, WireError> {
     if ip.l4_len() < HEADER_LEN {
         return Err(WireError::TruncatedL4);
@@ -51,6 +54,7 @@ pub fn parse(frame: &[u8], ip: &Ipv4) -> Result<Icmp, WireError> {
 }
 
 /// Recomputes the checksum over the whole ICMP message of `ip`.
+#[inline]
 pub fn fill_checksum(frame: &mut [u8], ip: &Ipv4) {
     let off = ip.l4_off();
     put16(frame, off + 2, 0);
@@ -59,6 +63,7 @@ pub fn fill_checksum(frame: &mut [u8], ip: &Ipv4) {
 }
 
 /// Writes an 8-byte header (checksum zero; fill it once the body is in place).
+#[inline]
 pub fn write_header(frame: &mut [u8], off: usize, kind: u8, code: u8, rest: u32) {
     frame[off] = kind;
     frame[off + 1] = code;

@@ -49,25 +49,30 @@ pub struct Ipv4 {
 
 impl Ipv4 {
     /// More-fragments set or a non-zero offset: the L4 header may be absent.
+    #[inline]
     pub fn is_fragment(&self) -> bool {
         self.flags_frag & (FLAG_MF | OFFSET_MASK) != 0
     }
 
+    #[inline]
     pub fn dont_fragment(&self) -> bool {
         self.flags_frag & FLAG_DF != 0
     }
 
     /// Offset of the L4 header in the frame.
+    #[inline]
     pub fn l4_off(&self) -> usize {
         self.off + self.header_len
     }
 
     /// Length of the L4 segment per the total length field.
+    #[inline]
     pub fn l4_len(&self) -> usize {
         self.total_len - self.header_len
     }
 
     /// Offset one past the datagram's last byte.
+    #[inline]
     pub fn end(&self) -> usize {
         self.off + self.total_len
     }
@@ -75,6 +80,7 @@ impl Ipv4 {
 
 /// Parses a complete datagram: the frame must hold `total_len` bytes and the
 /// header checksum must verify. Ethernet padding beyond `total_len` is allowed.
+#[inline]
 pub fn parse(frame: &[u8], off: usize) -> Result<Ipv4, WireError> {
     let ip = parse_header(frame, off)?;
     if frame.len() < ip.end() {
@@ -85,6 +91,7 @@ pub fn parse(frame: &[u8], off: usize) -> Result<Ipv4, WireError> {
 
 /// Parses a header whose datagram may be cut short, as quoted inside an ICMP
 /// error: only the header itself must be present and valid.
+#[inline]
 pub fn parse_header(frame: &[u8], off: usize) -> Result<Ipv4, WireError> {
     if frame.len() < off + MIN_HEADER_LEN {
         return Err(WireError::TruncatedIpv4);
@@ -117,11 +124,13 @@ pub fn parse_header(frame: &[u8], off: usize) -> Result<Ipv4, WireError> {
     })
 }
 
+#[inline]
 fn checksum_of(frame: &[u8], ip: &Ipv4) -> u16 {
     be16(frame, ip.off + CHECKSUM)
 }
 
 /// Rewrites the source address, updating the header checksum.
+#[inline]
 pub fn set_src(frame: &mut [u8], ip: &mut Ipv4, new: Ipv4Addr) {
     let c = checksum::update32(checksum_of(frame, ip), u32::from(ip.src), u32::from(new));
     put32(frame, ip.off + SRC, u32::from(new));
@@ -130,6 +139,7 @@ pub fn set_src(frame: &mut [u8], ip: &mut Ipv4, new: Ipv4Addr) {
 }
 
 /// Rewrites the destination address, updating the header checksum.
+#[inline]
 pub fn set_dst(frame: &mut [u8], ip: &mut Ipv4, new: Ipv4Addr) {
     let c = checksum::update32(checksum_of(frame, ip), u32::from(ip.dst), u32::from(new));
     put32(frame, ip.off + DST, u32::from(new));
@@ -139,6 +149,7 @@ pub fn set_dst(frame: &mut [u8], ip: &mut Ipv4, new: Ipv4Addr) {
 
 /// Decrements TTL for a forwarded packet. Returns false (and changes
 /// nothing) when the packet must not be forwarded (TTL <= 1).
+#[inline]
 pub fn decrement_ttl(frame: &mut [u8], ip: &mut Ipv4) -> bool {
     if ip.ttl <= 1 {
         return false;
@@ -152,7 +163,29 @@ pub fn decrement_ttl(frame: &mut [u8], ip: &mut Ipv4) -> bool {
     true
 }
 
+/// The forwarding rewrite in one pass: new addresses, TTL decremented, one
+/// checksum update. The caller has checked `ip.ttl > 1`. Returns the
+/// address part of the change, which the L4 pseudo-header shares.
+#[inline]
+pub fn nat_forward(frame: &mut [u8], ip: &mut Ipv4, src: Ipv4Addr, dst: Ipv4Addr) -> checksum::Delta {
+    let addrs = checksum::Delta::default()
+        .dword(u32::from(ip.src), u32::from(src))
+        .dword(u32::from(ip.dst), u32::from(dst));
+    let old_ttl = be16(frame, ip.off + TTL);
+    let new_ttl = old_ttl.wrapping_sub(0x100);
+    let c = addrs.word(old_ttl, new_ttl).apply(checksum_of(frame, ip));
+    put32(frame, ip.off + SRC, u32::from(src));
+    put32(frame, ip.off + DST, u32::from(dst));
+    put16(frame, ip.off + TTL, new_ttl);
+    put16(frame, ip.off + CHECKSUM, c);
+    ip.src = src;
+    ip.dst = dst;
+    ip.ttl -= 1;
+    addrs
+}
+
 /// Recomputes the header checksum from scratch.
+#[inline]
 pub fn fill_checksum(frame: &mut [u8], ip: &Ipv4) {
     put16(frame, ip.off + CHECKSUM, 0);
     let c = checksum::finish(checksum::sum(&frame[ip.off..ip.off + ip.header_len]));
@@ -172,6 +205,7 @@ pub struct NewHeader {
 }
 
 /// Writes a 20-byte header with a valid checksum at `off` and returns its view.
+#[inline]
 pub fn write(frame: &mut [u8], off: usize, h: NewHeader) -> Ipv4 {
     let b = &mut frame[off..off + MIN_HEADER_LEN];
     b[0] = 0x45;
@@ -205,8 +239,8 @@ mod tests {
 
     // 192.168.0.1 -> 192.168.0.199, UDP, total length 0x73, DF, TTL 64.
     const HDR: [u8; 20] = [
-        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00,
-        0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+        0x00, 0xc7,
     ];
 
     fn datagram() -> Vec<u8> {
@@ -301,9 +335,7 @@ mod tests {
 
     #[test]
     fn options_are_accepted() {
-        let mut d = vec![
-            0x46, 0, 0, 28, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
-        ];
+        let mut d = vec![0x46, 0, 0, 28, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
         d.extend_from_slice(&[1, 1, 1, 0]); // NOP NOP NOP EOL
         d.extend_from_slice(&[0; 4]);
         let c = checksum::finish(checksum::sum(&d[..24]));

@@ -39,6 +39,7 @@ pub struct L4 {
 }
 
 impl L4 {
+    #[inline]
     fn checksum_off(&self) -> usize {
         self.off
             + match self.proto {
@@ -47,6 +48,7 @@ impl L4 {
             }
     }
 
+    #[inline]
     pub fn has(&self, flag: u8) -> bool {
         self.tcp_flags & flag != 0
     }
@@ -54,6 +56,7 @@ impl L4 {
 
 /// Parses the TCP or UDP header of a complete, unfragmented datagram.
 /// Returns `Ok(None)` for other protocols.
+#[inline]
 pub fn parse(frame: &[u8], ip: &Ipv4) -> Result<Option<L4>, WireError> {
     let off = ip.l4_off();
     let len = ip.l4_len();
@@ -110,6 +113,7 @@ pub struct Quoted {
     checksum_off: Option<usize>,
 }
 
+#[inline]
 pub fn parse_quoted(frame: &[u8], ip: &Ipv4, end: usize) -> Result<Option<Quoted>, WireError> {
     let off = ip.l4_off();
     let proto = match ip.proto {
@@ -137,6 +141,7 @@ pub fn parse_quoted(frame: &[u8], ip: &Ipv4, end: usize) -> Result<Option<Quoted
 /// Applies an incremental update to an L4 checksum, honouring UDP's
 /// "zero means no checksum" rule (RFC 768): a zero stays zero, and a computed
 /// zero is sent as all-ones.
+#[inline]
 fn update_checksum(frame: &mut [u8], at: usize, proto: Proto, f: impl FnOnce(u16) -> u16) {
     let old = be16(frame, at);
     if proto == Proto::Udp && old == 0 {
@@ -151,6 +156,7 @@ fn update_checksum(frame: &mut [u8], at: usize, proto: Proto, f: impl FnOnce(u16
 
 /// Rewrites source and destination ports and folds the address change of the
 /// pseudo-header (old -> new) into the L4 checksum incrementally.
+#[inline]
 pub fn rewrite(
     frame: &mut [u8],
     l4: &mut L4,
@@ -172,7 +178,20 @@ pub fn rewrite(
     l4.dst_port = dst_port;
 }
 
+/// Rewrites both ports and applies `addrs` (the pseudo-header change from
+/// [`super::ipv4::nat_forward`]) plus the port change in one update.
+#[inline]
+pub fn rewrite_ports(frame: &mut [u8], l4: &mut L4, addrs: checksum::Delta, src_port: u16, dst_port: u16) {
+    let d = addrs.word(l4.src_port, src_port).word(l4.dst_port, dst_port);
+    update_checksum(frame, l4.checksum_off(), l4.proto, |c| d.apply(c));
+    put16(frame, l4.off, src_port);
+    put16(frame, l4.off + 2, dst_port);
+    l4.src_port = src_port;
+    l4.dst_port = dst_port;
+}
+
 /// Same as [`rewrite`] for a quoted header (inside an ICMP error).
+#[inline]
 pub fn rewrite_quoted(
     frame: &mut [u8],
     q: &mut Quoted,
@@ -198,6 +217,7 @@ pub fn rewrite_quoted(
 /// Recomputes the L4 checksum over pseudo-header, header and payload. Used by
 /// the `Full` checksum policy and for packets kxp builds itself. A UDP
 /// checksum that was zero on input stays zero unless `force` is set.
+#[inline]
 pub fn fill_checksum(frame: &mut [u8], ip: &Ipv4, l4: &L4, force: bool) {
     let at = l4.checksum_off();
     if l4.proto == Proto::Udp && !force && be16(frame, at) == 0 {
@@ -216,6 +236,7 @@ pub fn fill_checksum(frame: &mut [u8], ip: &Ipv4, l4: &L4, force: bool) {
 
 /// True when the L4 checksum over the whole segment verifies (UDP zero
 /// checksums count as valid, as receivers treat them).
+#[inline]
 pub fn checksum_valid(frame: &[u8], ip: &Ipv4, l4: &L4) -> bool {
     if l4.proto == Proto::Udp && be16(frame, l4.checksum_off()) == 0 {
         return true;
@@ -226,10 +247,12 @@ pub fn checksum_valid(frame: &[u8], ip: &Ipv4, l4: &L4) -> bool {
     checksum::fold(acc) == 0xffff
 }
 
+#[inline]
 pub fn tcp_seq(frame: &[u8], l4: &L4) -> u32 {
     be32(frame, l4.off + 4)
 }
 
+#[inline]
 pub fn tcp_ack(frame: &[u8], l4: &L4) -> u32 {
     be32(frame, l4.off + 8)
 }

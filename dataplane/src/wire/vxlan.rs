@@ -13,6 +13,7 @@ const FLAG_VNI_VALID: u8 = 0x08;
 pub const OVERHEAD: usize = 14 + 20 + 8 + HEADER_LEN;
 
 /// Returns the VNI of the header at `off`.
+#[inline]
 pub fn parse(frame: &[u8], off: usize) -> Result<u32, WireError> {
     if frame.len() < off + HEADER_LEN {
         return Err(WireError::BadVxlan);
@@ -23,6 +24,7 @@ pub fn parse(frame: &[u8], off: usize) -> Result<u32, WireError> {
     Ok(be32(frame, off + 4) >> 8)
 }
 
+#[inline]
 pub fn write(frame: &mut [u8], off: usize, vni: u32) {
     put32(frame, off, u32::from(FLAG_VNI_VALID) << 24);
     put32(frame, off + 4, (vni & 0x00ff_ffff) << 8);

@@ -16,9 +16,7 @@ use std::time::Duration;
 use dataplane::addr::{BackendAddr, Endpoint, Mac, PortId, Proto, SvcId};
 use dataplane::craft::{self, Buffer, Seen, Spec};
 use dataplane::flow::{CtConfig, FlowState};
-use dataplane::tables::{
-    EndpointInfo, LocalPod, NodeConfig, PortInfo, PortRole, RemoteNode, ServiceSpec, Tables,
-};
+use dataplane::tables::{EndpointInfo, LocalPod, NodeConfig, PortInfo, PortRole, RemoteNode, ServiceSpec, Tables};
 use dataplane::{Publisher, Time, Verdict, Worker};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
@@ -50,8 +48,7 @@ pub const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 
 pub fn node_config() -> NodeConfig {
-    let mut n =
-        NodeConfig::single_uplink("n1", NODE_IP, "192.168.0.0/24".parse().unwrap(), UPLINK_MAC);
+    let mut n = NodeConfig::single_uplink("n1", NODE_IP, "192.168.0.0/24".parse().unwrap(), UPLINK_MAC);
     n.cluster_cidr = Some("10.244.0.0/16".parse().unwrap());
     n.gateway = Some(GW_IP);
     n.vxlan.vtep_mac = VTEP_MAC;
@@ -243,9 +240,7 @@ pub fn seed_frames() -> Vec<(PortId, Vec<u8>)> {
         ),
         (
             PORT_B,
-            udp((POD_B, 5353), (CLUSTER_IP, 80))
-                .macs(POD_B_MAC, PORT_B_MAC)
-                .build(),
+            udp((POD_B, 5353), (CLUSTER_IP, 80)).macs(POD_B_MAC, PORT_B_MAC).build(),
         ),
         (
             UPLINK,
@@ -255,9 +250,7 @@ pub fn seed_frames() -> Vec<(PortId, Vec<u8>)> {
         ),
         (
             UPLINK,
-            udp((CLIENT_IP, 5000), (LB_IP, 80))
-                .macs(GW_MAC, UPLINK_MAC)
-                .build(),
+            udp((CLIENT_IP, 5000), (LB_IP, 80)).macs(GW_MAC, UPLINK_MAC).build(),
         ),
         (
             PORT_B,
@@ -276,15 +269,7 @@ pub fn seed_frames() -> Vec<(PortId, Vec<u8>)> {
     let quoted = tcp((NODE_IP, 30080), (CLIENT_IP, 5000), TCP_ACK).build();
     v.push((
         UPLINK,
-        craft::icmp_error(
-            (GW_MAC, UPLINK_MAC),
-            GW_IP,
-            NODE_IP,
-            3,
-            4,
-            1400,
-            &quoted[14..42],
-        ),
+        craft::icmp_error((GW_MAC, UPLINK_MAC), GW_IP, NODE_IP, 3, 4, 1400, &quoted[14..42]),
     ));
     let mut tagged = tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN).macs(GW_MAC, UPLINK_MAC);
     tagged.vlan = Some(100);

@@ -401,6 +401,13 @@ fn measure_size(args: &Args, services: usize) -> Value {
             )
         }),
     );
+    // The harness floor: an ARP frame is copied in and passed at once.
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&GW_MAC.0);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.resize(60, 0);
+    let arp = Frames::new(PortId(0), std::iter::once(arp));
+    let floor = run_frames(&mut w, &reader, &arp, args.packets, |_| 0, &mut now);
     let enc = run_frames(&mut w, &reader, &encap, args.packets, |i| i % HOT.min(flows), &mut now);
     let dec = run_frames(&mut w, &reader, &decap, args.packets, |i| i % HOT.min(flows), &mut now);
     let dropped = w.stats.total_drops();
@@ -435,6 +442,7 @@ fn measure_size(args: &Args, services: usize) -> Value {
         "nodeport_snat_new_flow": path(np_new),
         "vxlan_encap": path(enc),
         "vxlan_decap": path(dec),
+        "harness_floor_pass": path(floor),
         "allocations_per_established_packet": round(allocs as f64 / args.packets as f64, 3),
         "drops_during_timing": dropped,
         "add_one_service_us": add,
@@ -511,6 +519,7 @@ fn print_table(r: &Value) {
         "nodeport_snat_new_flow",
         "vxlan_encap",
         "vxlan_decap",
+        "harness_floor_pass",
     ] {
         print!("{key:<42}");
         for s in &sizes {

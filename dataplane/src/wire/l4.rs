@@ -154,30 +154,6 @@ fn update_checksum(frame: &mut [u8], at: usize, proto: Proto, f: impl FnOnce(u16
     put16(frame, at, new);
 }
 
-/// Rewrites source and destination ports and folds the address change of the
-/// pseudo-header (old -> new) into the L4 checksum incrementally.
-#[inline]
-pub fn rewrite(
-    frame: &mut [u8],
-    l4: &mut L4,
-    old_addrs: (Ipv4Addr, Ipv4Addr),
-    new_addrs: (Ipv4Addr, Ipv4Addr),
-    new_ports: (u16, u16),
-) {
-    let (src_port, dst_port) = new_ports;
-    let (old_src_port, old_dst_port) = (l4.src_port, l4.dst_port);
-    update_checksum(frame, l4.checksum_off(), l4.proto, |c| {
-        let c = checksum::update32(c, u32::from(old_addrs.0), u32::from(new_addrs.0));
-        let c = checksum::update32(c, u32::from(old_addrs.1), u32::from(new_addrs.1));
-        let c = checksum::update16(c, old_src_port, src_port);
-        checksum::update16(c, old_dst_port, dst_port)
-    });
-    put16(frame, l4.off, src_port);
-    put16(frame, l4.off + 2, dst_port);
-    l4.src_port = src_port;
-    l4.dst_port = dst_port;
-}
-
 /// Rewrites both ports and applies `addrs` (the pseudo-header change from
 /// [`super::ipv4::nat_forward`]) plus the port change in one update.
 #[inline]
@@ -190,7 +166,9 @@ pub fn rewrite_ports(frame: &mut [u8], l4: &mut L4, addrs: checksum::Delta, src_
     l4.dst_port = dst_port;
 }
 
-/// Same as [`rewrite`] for a quoted header (inside an ICMP error).
+/// Rewrites the ports of a quoted header (inside an ICMP error) and folds
+/// the quoted addresses' change (old -> new) into its checksum, when the
+/// checksum lies inside the quote.
 #[inline]
 pub fn rewrite_quoted(
     frame: &mut [u8],
@@ -200,13 +178,12 @@ pub fn rewrite_quoted(
     new_ports: (u16, u16),
 ) {
     if let Some(at) = q.checksum_off {
-        let (osp, odp) = (q.src_port, q.dst_port);
-        update_checksum(frame, at, q.proto, |c| {
-            let c = checksum::update32(c, u32::from(old_addrs.0), u32::from(new_addrs.0));
-            let c = checksum::update32(c, u32::from(old_addrs.1), u32::from(new_addrs.1));
-            let c = checksum::update16(c, osp, new_ports.0);
-            checksum::update16(c, odp, new_ports.1)
-        });
+        let d = checksum::Delta::default()
+            .dword(u32::from(old_addrs.0), u32::from(new_addrs.0))
+            .dword(u32::from(old_addrs.1), u32::from(new_addrs.1))
+            .word(q.src_port, new_ports.0)
+            .word(q.dst_port, new_ports.1);
+        update_checksum(frame, at, q.proto, |c| d.apply(c));
     }
     put16(frame, q.off, new_ports.0);
     put16(frame, q.off + 2, new_ports.1);
@@ -337,11 +314,9 @@ mod tests {
         let mut b = udp_datagram(b"some payload bytes");
         let mut ip = ipv4::parse(&b, 0).unwrap();
         let mut l4 = parse(&b, &ip).unwrap().unwrap();
-        let old = (ip.src, ip.dst);
-        let new = (Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(10, 244, 2, 9));
-        ipv4::set_src(&mut b, &mut ip, new.0);
-        ipv4::set_dst(&mut b, &mut ip, new.1);
-        rewrite(&mut b, &mut l4, old, new, (40000, 5353));
+        let addrs = ipv4::nat_forward(&mut b, &mut ip, Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(10, 244, 2, 9));
+        rewrite_ports(&mut b, &mut l4, addrs, 40000, 5353);
+        assert!(ipv4::parse(&b, 0).is_ok(), "IP header checksum still valid");
         assert!(checksum_valid(&b, &ip, &l4));
         let inc = be16(&b, 26);
         fill_checksum(&mut b, &ip, &l4, false);
@@ -354,9 +329,9 @@ mod tests {
         put16(&mut b, 26, 0);
         let mut ip = ipv4::parse(&b, 0).unwrap();
         let mut l4 = parse(&b, &ip).unwrap().unwrap();
-        let old = (ip.src, ip.dst);
-        ipv4::set_dst(&mut b, &mut ip, Ipv4Addr::new(1, 1, 1, 1));
-        rewrite(&mut b, &mut l4, old, (ip.src, ip.dst), (1, 2));
+        let src = ip.src;
+        let addrs = ipv4::nat_forward(&mut b, &mut ip, src, Ipv4Addr::new(1, 1, 1, 1));
+        rewrite_ports(&mut b, &mut l4, addrs, 1, 2);
         assert_eq!(be16(&b, 26), 0);
     }
 }

@@ -314,7 +314,12 @@ mod tests {
         let mut b = udp_datagram(b"some payload bytes");
         let mut ip = ipv4::parse(&b, 0).unwrap();
         let mut l4 = parse(&b, &ip).unwrap().unwrap();
-        let addrs = ipv4::nat_forward(&mut b, &mut ip, Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(10, 244, 2, 9));
+        let addrs = ipv4::nat_forward(
+            &mut b,
+            &mut ip,
+            Ipv4Addr::new(192, 168, 1, 1),
+            Ipv4Addr::new(10, 244, 2, 9),
+        );
         rewrite_ports(&mut b, &mut l4, addrs, 40000, 5353);
         assert!(ipv4::parse(&b, 0).is_ok(), "IP header checksum still valid");
         assert!(checksum_valid(&b, &ip, &l4));

@@ -23,7 +23,7 @@ pub struct EndpointInfo {
 }
 
 /// What control hands to the tables for one service port.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub id: SvcId,
     /// `namespace/name:portname`, for logs and errors.

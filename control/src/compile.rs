@@ -1,0 +1,391 @@
+//! Cluster objects -> the service ports the dataplane should serve, with
+//! kube-proxy's rules for what counts. Anything unusable is reported with
+//! the object's name and skipped; the rest still compiles.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use dataplane::addr::{BackendAddr, Cidr, Endpoint, Frontend, Proto, SvcId};
+use dataplane::tables::{EndpointInfo, ServiceSpec};
+use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::objects::{ClusterObjects, ObjectKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
+
+/// What compilation needs to know about this node.
+#[derive(Clone, Debug)]
+pub struct NodeContext {
+    /// Endpoints on this node are "local" (traffic policies).
+    pub node_name: String,
+    pub node_port_range: (u16, u16),
+    pub cluster_cidr: Option<Cidr>,
+}
+
+/// An object, or part of one, that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// e.g. `Service shop/web` or `EndpointSlice shop/web-abc`.
+    pub object: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+/// Stable `SvcId`s for service ports (`ns/name:port`), kept across syncs so
+/// conntrack entries keep pointing at the same service.
+#[derive(Debug, Default)]
+pub struct ServiceIds {
+    ids: HashMap<String, SvcId>,
+    next: u32,
+}
+
+impl ServiceIds {
+    pub fn get(&mut self, name: &str) -> SvcId {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        self.next += 1;
+        let id = SvcId(self.next);
+        self.ids.insert(name.to_string(), id);
+        id
+    }
+}
+
+/// The compiled result: service ports by `ns/name:port`, and problems.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub services: BTreeMap<String, ServiceSpec>,
+    /// `healthCheckNodePort` of eTP=Local services, by service port name.
+    pub health_check_node_ports: BTreeMap<String, u16>,
+    pub problems: Vec<Problem>,
+    /// Services skipped on purpose (headless, ExternalName, other proxies).
+    pub ignored: usize,
+}
+
+pub fn compile(objs: &ClusterObjects, ctx: &NodeContext, ids: &mut ServiceIds) -> Desired {
+    let mut out = Desired::default();
+    // Slices by owning service.
+    let mut slices: HashMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>> = HashMap::new();
+    for (k, s) in &objs.endpoint_slices {
+        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+            slices
+                .entry(ObjectKey {
+                    namespace: k.namespace.clone(),
+                    name: svc.clone(),
+                })
+                .or_default()
+                .push((k, s));
+        }
+    }
+    let mut frontends: HashMap<Frontend, String> = HashMap::new();
+    let mut node_ports: HashMap<(Proto, u16), String> = HashMap::new();
+    for (key, svc) in &objs.services {
+        if ignored(svc) {
+            out.ignored += 1;
+            continue;
+        }
+        let object = format!("Service {key}");
+        let mut problem = |reason: String| {
+            out.problems.push(Problem {
+                object: object.clone(),
+                reason,
+            })
+        };
+        let spec = match svc.spec.as_ref() {
+            Some(s) => s,
+            None => {
+                problem("has no spec".into());
+                continue;
+            }
+        };
+        let cluster_ips = match ipv4_list(spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter())) {
+            Ok(v) => v,
+            Err(e) => {
+                problem(format!("invalid clusterIP: {e}"));
+                continue;
+            }
+        };
+        let external_ips = match ipv4_list(spec.external_ips.iter().flatten()) {
+            Ok(v) => v,
+            Err(e) => {
+                problem(format!("invalid externalIPs: {e}"));
+                continue;
+            }
+        };
+        let lb_ips = match ipv4_list(
+            svc.status
+                .iter()
+                .flat_map(|s| s.load_balancer.iter())
+                .flat_map(|l| l.ingress.iter().flatten())
+                .filter_map(|i| i.ip.as_ref()),
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                problem(format!("invalid status.loadBalancer.ingress IP: {e}"));
+                continue;
+            }
+        };
+        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let wants_node_port = matches!(svc_type, "NodePort" | "LoadBalancer");
+        let external_local =
+            spec.external_traffic_policy.as_deref() == Some("Local") && (wants_node_port || !external_ips.is_empty());
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let affinity = match spec.session_affinity.as_deref() {
+            Some("ClientIP") => {
+                let t = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(10800);
+                if !(1..=86400).contains(&t) {
+                    problem(format!("sessionAffinityConfig timeoutSeconds {t} outside 1-86400"));
+                    continue;
+                }
+                Some(Duration::from_secs(t as u64))
+            }
+            _ => None,
+        };
+        for port in spec.ports.iter().flatten() {
+            let pname = port.name.clone().unwrap_or_default();
+            let name = format!("{key}:{pname}");
+            let pobject = format!(
+                "Service {key} port {}",
+                if pname.is_empty() {
+                    port.port.to_string()
+                } else {
+                    pname.clone()
+                }
+            );
+            let mut pproblem = |reason: String| {
+                out.problems.push(Problem {
+                    object: pobject.clone(),
+                    reason,
+                })
+            };
+            let proto = match protocol(port.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    pproblem(e);
+                    continue;
+                }
+            };
+            let Some(svc_port) = u16::try_from(port.port).ok().filter(|p| *p > 0) else {
+                pproblem(format!("port {} outside 1-65535", port.port));
+                continue;
+            };
+            let node_port = match (wants_node_port, port.node_port) {
+                (true, Some(np)) => {
+                    let (lo, hi) = ctx.node_port_range;
+                    match u16::try_from(np).ok().filter(|p| (lo..=hi).contains(p)) {
+                        Some(p) => Some(p),
+                        None => {
+                            pproblem(format!("nodePort {np} outside the node port range {lo}-{hi}"));
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            // Duplicates: the first service (by name) keeps the address.
+            let fes: Vec<Frontend> = cluster_ips
+                .iter()
+                .chain(&external_ips)
+                .chain(&lb_ips)
+                .map(|ip| Frontend {
+                    ip: *ip,
+                    port: svc_port,
+                    proto,
+                })
+                .collect();
+            if let Some((fe, owner)) = fes.iter().find_map(|fe| frontends.get(fe).map(|o| (fe, o))) {
+                pproblem(format!(
+                    "{}:{}/{} is already used by service {owner}",
+                    fe.ip, fe.port, fe.proto
+                ));
+                continue;
+            }
+            if let Some(owner) = node_port.and_then(|np| node_ports.get(&(proto, np))) {
+                pproblem(format!(
+                    "nodePort {}/{proto} is already used by service {owner}",
+                    node_port.unwrap_or(0)
+                ));
+                continue;
+            }
+            for fe in fes {
+                frontends.insert(fe, name.clone());
+            }
+            if let Some(np) = node_port {
+                node_ports.insert((proto, np), name.clone());
+            }
+            let endpoints = endpoints_for(
+                slices.get(key).map(Vec::as_slice).unwrap_or(&[]),
+                port,
+                proto,
+                ctx,
+                &mut out.problems,
+            );
+            if external_local {
+                if let Some(h) = spec.health_check_node_port.and_then(|h| u16::try_from(h).ok()) {
+                    out.health_check_node_ports.insert(name.clone(), h);
+                }
+            }
+            let id = ids.get(&name);
+            out.services.insert(
+                name.clone(),
+                ServiceSpec {
+                    id,
+                    name,
+                    proto,
+                    port: svc_port,
+                    cluster_ips: cluster_ips.clone(),
+                    external_ips: external_ips.clone(),
+                    load_balancer_ips: lb_ips.clone(),
+                    node_port,
+                    external_local,
+                    internal_local,
+                    affinity,
+                    endpoints,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// kube-proxy skips headless and ExternalName services and those that
+/// another proxy claims.
+fn ignored(svc: &Service) -> bool {
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)) {
+        return true;
+    }
+    let Some(spec) = svc.spec.as_ref() else { return false };
+    spec.type_.as_deref() == Some("ExternalName") || spec.cluster_ip.as_deref() == Some("None")
+}
+
+/// IPv4 addresses from strings; IPv6 ones are skipped (the dataplane is
+/// IPv4-only), empty ones ignored, anything else is an error.
+fn ipv4_list<'a>(items: impl Iterator<Item = &'a String>) -> Result<Vec<Ipv4Addr>, String> {
+    let mut v = Vec::new();
+    for s in items {
+        if s.is_empty() || s == "None" || s.parse::<std::net::Ipv6Addr>().is_ok() {
+            continue;
+        }
+        let ip: Ipv4Addr = s.parse().map_err(|_| format!("{s:?} is not an IP address"))?;
+        if !v.contains(&ip) {
+            v.push(ip);
+        }
+    }
+    Ok(v)
+}
+
+fn protocol(p: Option<&str>) -> Result<Proto, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Proto::Tcp),
+        "UDP" => Ok(Proto::Udp),
+        "SCTP" => Err("protocol SCTP is not supported by kxp".into()),
+        other => Err(format!("unknown protocol {other:?}")),
+    }
+}
+
+fn endpoints_for(
+    slices: &[(&ObjectKey, &EndpointSlice)],
+    port: &K8sServicePort,
+    proto: Proto,
+    ctx: &NodeContext,
+    problems: &mut Vec<Problem>,
+) -> Vec<EndpointInfo> {
+    let mut out = Vec::new();
+    for (key, slice) in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let object = format!("EndpointSlice {key}");
+        // The slice port that serves this service port: same name and protocol.
+        let Some(sp) = slice.ports.iter().flatten().find(|sp| {
+            sp.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
+                && protocol(sp.protocol.as_deref()).ok() == Some(proto)
+        }) else {
+            continue;
+        };
+        let Some(target) = sp.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
+            problems.push(Problem {
+                object,
+                reason: format!("port {:?} outside 1-65535", sp.port),
+            });
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let Some(addr) = ep.addresses.first() else { continue };
+            let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+                problems.push(Problem {
+                    object: object.clone(),
+                    reason: format!("endpoint address {addr:?} is not an IPv4 address"),
+                });
+                continue;
+            };
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            out.push(EndpointInfo {
+                addr: BackendAddr(Endpoint::new(ip, target)),
+                ready,
+                serving,
+                terminating,
+                local: ep.node_name.as_deref() == Some(ctx.node_name.as_str()),
+            });
+        }
+    }
+    out
+}
+
+/// A human summary of what would be programmed.
+pub fn summary(d: &Desired) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let (mut frontends, mut node_ports, mut ready, mut terminating, mut empty) = (0, 0, 0, 0, 0);
+    for spec in d.services.values() {
+        frontends += spec.cluster_ips.len() + spec.external_ips.len() + spec.load_balancer_ips.len();
+        node_ports += usize::from(spec.node_port.is_some());
+        ready += spec.endpoints.iter().filter(|e| e.ready).count();
+        terminating += spec.endpoints.iter().filter(|e| e.terminating).count();
+        empty += usize::from(!spec.endpoints.iter().any(|e| e.ready || (e.serving && e.terminating)));
+    }
+    let _ = writeln!(s, "service ports:        {}", d.services.len());
+    let _ = writeln!(s, "frontends (VIP:port): {frontends}");
+    let _ = writeln!(s, "NodePorts:            {node_ports}");
+    let _ = writeln!(s, "endpoints ready:      {ready} ({terminating} terminating)");
+    let _ = writeln!(s, "ports without usable endpoints (rejected): {empty}");
+    let _ = writeln!(
+        s,
+        "services ignored (headless, ExternalName, other proxy): {}",
+        d.ignored
+    );
+    let _ = writeln!(s, "problems:             {}", d.problems.len());
+    for spec in d.services.values() {
+        let eps = spec.endpoints.iter().filter(|e| e.ready).count();
+        let fe: Vec<String> = spec
+            .cluster_ips
+            .iter()
+            .chain(&spec.external_ips)
+            .chain(&spec.load_balancer_ips)
+            .map(|ip| format!("{ip}:{}", spec.port))
+            .collect();
+        let np = spec.node_port.map(|p| format!(" nodePort {p}")).unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "  {} {} [{}]{np} -> {eps} ready",
+            spec.name,
+            spec.proto,
+            fe.join(", ")
+        );
+    }
+    s
+}

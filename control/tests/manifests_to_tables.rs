@@ -1,0 +1,313 @@
+//! Manifests -> compile -> sync -> published tables, including every kind of
+//! bad input issue #3 names: each is reported by name and skipped, and the
+//! rest still applies.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+
+use control::compile::{compile, Desired, NodeContext, ServiceIds};
+use control::manifests::{self, ManifestError};
+use control::sync::Syncer;
+use dataplane::addr::{Mac, Proto};
+use dataplane::tables::{NodeConfig, Reach, Tables};
+use dataplane::Publisher;
+
+const GOOD: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  externalIPs: [198.51.100.20]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 31000
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}
+  - {name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.10}, {hostname: lb.example}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
+endpoints:
+- {addresses: [10.244.1.2], nodeName: n1, conditions: {ready: true}}
+- {addresses: [10.244.2.5], nodeName: n2}
+- {addresses: [10.244.1.3], nodeName: n1, conditions: {ready: false, serving: true, terminating: true}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  internalTrafficPolicy: Local
+  ports: [{port: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: shop}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: shop, labels: {service.kubernetes.io/service-proxy-name: cilium}}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: shop}
+spec: {type: ExternalName, externalName: example.com}
+"#;
+
+fn ctx() -> NodeContext {
+    NodeContext {
+        node_name: "n1".into(),
+        node_port_range: (30000, 32767),
+        cluster_cidr: Some("10.244.0.0/16".parse().unwrap()),
+    }
+}
+
+fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(d.path().join(name), text).unwrap();
+    }
+    d
+}
+
+fn compile_dir(dir: &Path) -> Desired {
+    compile(&manifests::load_dir(dir).unwrap(), &ctx(), &mut ServiceIds::default())
+}
+
+fn tables() -> Tables {
+    Tables::new(NodeConfig::single_uplink(
+        "n1",
+        Ipv4Addr::new(192, 168, 0, 1),
+        "192.168.0.0/24".parse().unwrap(),
+        Mac([2; 6]),
+    ))
+}
+
+#[test]
+fn a_good_directory_compiles_with_kube_proxy_semantics() {
+    let d = dir_with(&[("app.yaml", GOOD)]);
+    let out = compile_dir(d.path());
+    assert_eq!(out.problems, vec![]);
+    assert_eq!(out.ignored, 3, "headless, other proxy, ExternalName");
+    let http = &out.services["shop/web:http"];
+    assert_eq!(http.proto, Proto::Tcp);
+    assert_eq!(http.cluster_ips, vec![Ipv4Addr::new(10, 96, 0, 10)]);
+    assert_eq!(http.external_ips, vec![Ipv4Addr::new(198, 51, 100, 20)]);
+    assert_eq!(http.load_balancer_ips, vec![Ipv4Addr::new(198, 51, 100, 10)]);
+    assert_eq!(http.node_port, Some(30080));
+    assert!(http.external_local && !http.internal_local);
+    assert_eq!(http.affinity, Some(std::time::Duration::from_secs(60)));
+    assert_eq!(http.endpoints.len(), 3);
+    let t = &http.endpoints[2];
+    assert_eq!(
+        (t.addr.0.port, t.ready, t.serving, t.terminating, t.local),
+        (8080, false, true, true, true)
+    );
+    assert!(
+        !http.endpoints[1].local && http.endpoints[1].ready,
+        "unset conditions mean ready"
+    );
+    let dns = &out.services["shop/web:dns"];
+    assert_eq!(
+        (dns.proto, dns.port, dns.endpoints[0].addr.0.port),
+        (Proto::Udp, 53, 5353)
+    );
+    assert_eq!(out.health_check_node_ports["shop/web:http"], 31000);
+    let db = &out.services["shop/db:"];
+    assert!(db.internal_local && db.endpoints.is_empty());
+    let summary = control::compile::summary(&out);
+    assert!(summary.contains("service ports:        3"), "{summary}");
+}
+
+#[test]
+fn unusable_objects_are_named_and_skipped_while_the_rest_applies() {
+    let bad = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: badip, namespace: x}
+spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badport, namespace: x}
+spec: {clusterIP: 10.96.1.1, ports: [{name: a, port: 70000}, {name: b, port: 81}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badproto, namespace: x}
+spec: {clusterIP: 10.96.1.2, ports: [{name: i, port: 80, protocol: ICMP}, {name: s, port: 81, protocol: SCTP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badnp, namespace: x}
+spec: {type: NodePort, clusterIP: 10.96.1.3, ports: [{port: 80, nodePort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a-first, namespace: x}
+spec: {clusterIP: 10.96.1.4, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b-dup, namespace: x}
+spec: {clusterIP: 10.96.1.4, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badaff, namespace: x}
+spec: {clusterIP: 10.96.1.5, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: a-first-1, namespace: x, labels: {kubernetes.io/service-name: a-first}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [not-an-ip]}, {addresses: [10.244.1.9]}]
+"#;
+    let d = dir_with(&[("good.yaml", GOOD), ("bad.yaml", bad)]);
+    let out = compile_dir(d.path());
+    let text: Vec<String> = out.problems.iter().map(|p| p.to_string()).collect();
+    let has = |needle: &str| {
+        assert!(
+            text.iter().any(|t| t.contains(needle)),
+            "no problem mentioning {needle:?} in {text:#?}"
+        )
+    };
+    has("Service x/badip: invalid clusterIP");
+    has("Service x/badport port a: port 70000 outside 1-65535");
+    has("Service x/badproto port i: unknown protocol \"ICMP\"");
+    has("Service x/badproto port s: protocol SCTP is not supported");
+    has("Service x/badnp port 80: nodePort 8080 outside the node port range 30000-32767");
+    has("Service x/b-dup port 80: 10.96.1.4:80/TCP is already used by service x/a-first:");
+    has("Service x/badaff: sessionAffinityConfig timeoutSeconds 0");
+    has("EndpointSlice x/a-first-1: endpoint address \"not-an-ip\"");
+    assert_eq!(out.problems.len(), 8, "{text:#?}");
+    // The usable parts still compile.
+    assert!(out.services.contains_key("shop/web:http"));
+    assert!(
+        out.services.contains_key("x/badport:b"),
+        "the valid port of a service with a bad one"
+    );
+    assert_eq!(out.services["x/a-first:"].endpoints.len(), 1);
+    assert!(!out.services.contains_key("x/b-dup:"));
+    // And they sync.
+    let mut s = Syncer::new(Publisher::new(tables()));
+    let r = s.apply(out);
+    assert_eq!(r.problems.len(), 8);
+    let t = s.publisher().reader().load();
+    assert!(t.service_for(Ipv4Addr::new(10, 96, 0, 10), 80, Proto::Tcp).is_some());
+    assert!(t.service_for(Ipv4Addr::new(10, 96, 1, 1), 81, Proto::Tcp).is_some());
+}
+
+#[test]
+fn a_malformed_file_is_named_and_the_previous_tables_stay() {
+    let d = dir_with(&[("a.yaml", GOOD)]);
+    let mut s = Syncer::new(Publisher::new(tables()));
+    s.apply(compile_dir(d.path()));
+    let before = s.publisher().reader().load().generation();
+    std::fs::write(d.path().join("b.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\n---\nkind: Service\napiVersion: v1\nmetadata: {name: broken}\nspec: {ports: {port: 80}}\n").unwrap();
+    let err = manifests::load_dir(d.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ManifestError::Document { doc: 2, .. }), "{msg}");
+    assert!(
+        msg.contains("b.yaml") && msg.contains("document 2") && msg.contains("Service broken"),
+        "{msg}"
+    );
+    // The caller does not apply anything: tables unchanged.
+    let t = s.publisher().reader().load();
+    assert_eq!(t.generation(), before);
+    assert!(t.service_for(Ipv4Addr::new(10, 96, 0, 10), 80, Proto::Tcp).is_some());
+}
+
+#[test]
+fn sync_publishes_only_changes_and_keeps_service_ids() {
+    let d = dir_with(&[("a.yaml", GOOD)]);
+    let objs = manifests::load_dir(d.path()).unwrap();
+    let mut ids = ServiceIds::default();
+    let mut s = Syncer::new(Publisher::new(tables()));
+    let r = s.apply(compile(&objs, &ctx(), &mut ids));
+    assert_eq!((r.added, r.updated, r.removed, r.published), (3, 0, 0, Some(1)));
+    let id = s.live()["shop/web:http"].id;
+    // Same objects again: nothing to publish.
+    let r = s.apply(compile(&objs, &ctx(), &mut ids));
+    assert_eq!((r.changes(), r.published), (0, None));
+    // One endpoint gone: one service port updated, same id.
+    let fewer = GOOD.replace("- {addresses: [10.244.2.5], nodeName: n2}\n", "");
+    std::fs::write(d.path().join("a.yaml"), fewer).unwrap();
+    let r = s.apply(compile(&manifests::load_dir(d.path()).unwrap(), &ctx(), &mut ids));
+    assert_eq!(
+        (r.added, r.updated, r.removed),
+        (0, 2, 0),
+        "both ports of web share the slice"
+    );
+    assert_eq!(s.live()["shop/web:http"].id, id);
+    let t = s.publisher().reader().load();
+    let m = t.service_for(Ipv4Addr::new(198, 51, 100, 10), 80, Proto::Tcp).unwrap();
+    assert_eq!((m.svc.endpoints().len(), m.reach), (2, Reach::External));
+    drop(t);
+    // Service deleted: its frontends leave the tables.
+    std::fs::write(d.path().join("a.yaml"), "").unwrap();
+    let r = s.apply(compile(&manifests::load_dir(d.path()).unwrap(), &ctx(), &mut ids));
+    assert_eq!(r.removed, 3);
+    assert!(s
+        .publisher()
+        .reader()
+        .load()
+        .service_for(Ipv4Addr::new(10, 96, 0, 10), 80, Proto::Tcp)
+        .is_none());
+}
+
+#[test]
+fn kxp_check_reports_and_exits_non_zero_on_problems() {
+    let kxp = env!("CARGO_BIN_EXE_kxp");
+    let good = dir_with(&[("a.yaml", GOOD)]);
+    let out = Command::new(kxp)
+        .args(["check", "--manifests"])
+        .arg(good.path())
+        .args(["--node-name", "n1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("shop/web:http TCP [10.96.0.10:80, 198.51.100.20:80, 198.51.100.10:80] nodePort 30080"),
+        "{stdout}"
+    );
+
+    let bad = dir_with(&[("a.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: w, namespace: n}\nspec: {clusterIP: 1.2.3, ports: [{port: 80}]}\n")]);
+    let out = Command::new(kxp)
+        .args(["check", "--manifests"])
+        .arg(bad.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Service n/w: invalid clusterIP"));
+
+    let broken = dir_with(&[("z.yaml", "kind: [\n")]);
+    let out = Command::new(kxp)
+        .args(["check", "--manifests"])
+        .arg(broken.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("z.yaml, document 1"));
+
+    let out = Command::new(kxp)
+        .args(["check", "--manifests", "/nonexistent-kxp-dir"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read manifest directory /nonexistent-kxp-dir"));
+}

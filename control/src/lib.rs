@@ -9,6 +9,9 @@
 //! - [`sync`]: desired state -> diff -> one publish.
 
 pub mod compile;
+pub mod kube_source;
 pub mod manifests;
 pub mod objects;
+pub mod runner;
+pub mod source;
 pub mod sync;

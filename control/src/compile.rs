@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use dataplane::addr::Mac;
 use dataplane::addr::{BackendAddr, Cidr, Endpoint, Frontend, Proto, SvcId};
-use dataplane::tables::{EndpointInfo, ServiceSpec};
+use dataplane::tables::{EndpointInfo, RemoteNode, ServiceSpec};
 use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -56,10 +57,27 @@ impl ServiceIds {
     }
 }
 
+/// What the Node objects say: this node's addresses and the other nodes'
+/// pod CIDRs, reached over VXLAN.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// This node's IPv4 InternalIP/ExternalIP addresses, InternalIP first.
+    pub node_ips: Vec<Ipv4Addr>,
+    pub pod_cidr: Option<Cidr>,
+    /// Other nodes by name: their pod CIDR and how to reach it.
+    pub remote: BTreeMap<String, (Cidr, RemoteNode)>,
+}
+
+/// Annotations that carry a node's VTEP MAC: Flannel's backend data (JSON
+/// with `VtepMAC`), or kxp's own.
+pub const ANNOTATION_FLANNEL_BACKEND: &str = "flannel.alpha.coreos.com/backend-data";
+pub const ANNOTATION_KXP_VTEP_MAC: &str = "kxp.io/vtep-mac";
+
 /// The compiled result: service ports by `ns/name:port`, and problems.
 #[derive(Debug, Default)]
 pub struct Desired {
     pub services: BTreeMap<String, ServiceSpec>,
+    pub nodes: NodeFacts,
     /// `healthCheckNodePort` of eTP=Local services, by service port name.
     pub health_check_node_ports: BTreeMap<String, u16>,
     pub problems: Vec<Problem>,
@@ -69,6 +87,7 @@ pub struct Desired {
 
 pub fn compile(objs: &ClusterObjects, ctx: &NodeContext, ids: &mut ServiceIds) -> Desired {
     let mut out = Desired::default();
+    out.nodes = node_facts(objs, ctx, &mut out.problems);
     // Slices by owning service.
     let mut slices: HashMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>> = HashMap::new();
     for (k, s) in &objs.endpoint_slices {
@@ -256,6 +275,97 @@ pub fn compile(objs: &ClusterObjects, ctx: &NodeContext, ids: &mut ServiceIds) -
         }
     }
     out
+}
+
+fn node_facts(objs: &ClusterObjects, ctx: &NodeContext, problems: &mut Vec<Problem>) -> NodeFacts {
+    let mut facts = NodeFacts::default();
+    for (name, node) in &objs.nodes {
+        let object = format!("Node {name}");
+        let addrs: Vec<(String, Ipv4Addr)> = node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter_map(|a| a.address.parse::<Ipv4Addr>().ok().map(|ip| (a.type_.clone(), ip)))
+            .collect();
+        let internal = addrs.iter().find(|(t, _)| t == "InternalIP").map(|(_, ip)| *ip);
+        let spec = node.spec.as_ref();
+        let cidr_text = spec
+            .and_then(|s| {
+                s.pod_cidrs
+                    .iter()
+                    .flatten()
+                    .find(|c| !c.contains(':'))
+                    .cloned()
+                    .or(s.pod_cidr.clone())
+            })
+            .filter(|c| !c.contains(':'));
+        let pod_cidr = match cidr_text.map(|c| c.parse::<Cidr>()) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                problems.push(Problem {
+                    object,
+                    reason: format!("podCIDR: {e}"),
+                });
+                continue;
+            }
+            None => None,
+        };
+        if *name == ctx.node_name {
+            let mut ips: Vec<Ipv4Addr> = internal.into_iter().collect();
+            ips.extend(addrs.iter().filter(|(t, _)| t == "ExternalIP").map(|(_, ip)| *ip));
+            ips.dedup();
+            facts.node_ips = ips;
+            facts.pod_cidr = pod_cidr;
+            continue;
+        }
+        let Some(cidr) = pod_cidr else { continue }; // no pods to route to
+        let Some(node_ip) = internal else {
+            problems.push(Problem {
+                object,
+                reason: "has a podCIDR but no IPv4 InternalIP; its pods are unreachable".into(),
+            });
+            continue;
+        };
+        match vtep_mac(node) {
+            Ok(vtep_mac) => {
+                facts
+                    .remote
+                    .insert(name.clone(), (cidr, RemoteNode { node_ip, vtep_mac }));
+            }
+            Err(reason) => problems.push(Problem {
+                object,
+                reason: format!("{reason}; its pods are unreachable over the overlay"),
+            }),
+        }
+    }
+    facts
+}
+
+fn vtep_mac(node: &k8s_openapi::api::core::v1::Node) -> Result<Mac, String> {
+    let ann = node.metadata.annotations.as_ref();
+    let text = if let Some(m) = ann.and_then(|a| a.get(ANNOTATION_KXP_VTEP_MAC)) {
+        m.clone()
+    } else if let Some(data) = ann.and_then(|a| a.get(ANNOTATION_FLANNEL_BACKEND)) {
+        let v: serde_json::Value =
+            serde_json::from_str(data).map_err(|e| format!("{ANNOTATION_FLANNEL_BACKEND}: {e}"))?;
+        v.get("VtepMAC")
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| format!("{ANNOTATION_FLANNEL_BACKEND} has no VtepMAC"))?
+            .to_string()
+    } else {
+        return Err(format!(
+            "no VTEP MAC annotation ({ANNOTATION_KXP_VTEP_MAC} or {ANNOTATION_FLANNEL_BACKEND})"
+        ));
+    };
+    parse_mac(&text).ok_or_else(|| format!("VTEP MAC {text:?} is not a MAC address"))
+}
+
+fn parse_mac(s: &str) -> Option<Mac> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).ok())
+        .collect::<Option<_>>()?;
+    Some(Mac(parts.try_into().ok()?))
 }
 
 /// kube-proxy skips headless and ExternalName services and those that

@@ -9,6 +9,7 @@
 //! - [`sync`]: desired state -> diff -> one publish.
 
 pub mod compile;
+pub mod config;
 pub mod kube_source;
 pub mod manifests;
 pub mod objects;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use dataplane::tables::{ServiceSpec, TableError};
 use dataplane::Publisher;
 
-use crate::compile::{Desired, Problem};
+use crate::compile::{Desired, NodeFacts, Problem};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
@@ -33,6 +33,7 @@ impl SyncReport {
 pub struct Syncer {
     publisher: Publisher,
     live: BTreeMap<String, ServiceSpec>,
+    live_nodes: NodeFacts,
 }
 
 impl Syncer {
@@ -40,6 +41,7 @@ impl Syncer {
         Syncer {
             publisher,
             live: BTreeMap::new(),
+            live_nodes: NodeFacts::default(),
         }
     }
 
@@ -87,10 +89,39 @@ impl Syncer {
                 Err(e) => report.problems.push(refused(&name, e)),
             }
         }
-        if report.changes() > 0 {
+        let nodes_changed = desired.nodes != self.live_nodes;
+        if nodes_changed {
+            apply_nodes(&mut draft, &self.live_nodes, &desired.nodes);
+            self.live_nodes = desired.nodes;
+        }
+        if report.changes() > 0 || nodes_changed {
             report.published = Some(self.publisher.publish(draft));
         }
         report
+    }
+}
+
+/// Pod routes to other nodes, and this node's addresses (where NodePorts
+/// answer, the first being the VXLAN endpoint and SNAT source).
+fn apply_nodes(draft: &mut dataplane::Tables, old: &NodeFacts, new: &NodeFacts) {
+    for (name, (cidr, _)) in &old.remote {
+        if !new.remote.contains_key(name) {
+            draft.remove_pod_route(*cidr);
+        }
+    }
+    for (name, (cidr, remote)) in &new.remote {
+        if old.remote.get(name) != Some(&(*cidr, *remote)) {
+            if let Some((old_cidr, _)) = old.remote.get(name) {
+                draft.remove_pod_route(*old_cidr);
+            }
+            draft.set_pod_route(*cidr, *remote);
+        }
+    }
+    if !new.node_ips.is_empty() && new.node_ips != draft.node().node_ips {
+        let mut node = draft.node().clone();
+        node.node_ips = new.node_ips.clone();
+        node.snat_ip = new.node_ips[0];
+        draft.set_node(node);
     }
 }
 

@@ -311,3 +311,52 @@ fn kxp_check_reports_and_exits_non_zero_on_problems() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read manifest directory /nonexistent-kxp-dir"));
 }
+
+#[test]
+fn nodes_give_this_nodes_addresses_and_routes_to_other_nodes_pods() {
+    let nodes = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: n2
+  annotations: {flannel.alpha.coreos.com/backend-data: '{"VNI":1,"VtepMAC":"0e:00:00:00:00:02"}'}
+spec: {podCIDR: 10.244.2.0/24, podCIDRs: [10.244.2.0/24, "fd00:2::/64"]}
+status: {addresses: [{type: InternalIP, address: 192.168.0.2}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n3}
+spec: {podCIDR: 10.244.3.0/24}
+status: {addresses: [{type: InternalIP, address: 192.168.0.3}]}
+"#;
+    let d = dir_with(&[("nodes.yaml", nodes)]);
+    let out = compile_dir(d.path());
+    assert_eq!(out.nodes.node_ips, vec![Ipv4Addr::new(192, 168, 0, 1)]);
+    assert_eq!(out.nodes.pod_cidr, Some("10.244.1.0/24".parse().unwrap()));
+    assert_eq!(out.nodes.remote.len(), 1);
+    assert_eq!(out.problems.len(), 1);
+    assert!(
+        out.problems[0]
+            .to_string()
+            .starts_with("Node n3: no VTEP MAC annotation"),
+        "{}",
+        out.problems[0]
+    );
+    let mut s = Syncer::new(Publisher::new(tables()));
+    let r = s.apply(out);
+    assert!(r.published.is_some());
+    let t = s.publisher().reader().load();
+    let n2 = t.remote_node(Ipv4Addr::new(10, 244, 2, 7)).unwrap();
+    assert_eq!(
+        (n2.node_ip, n2.vtep_mac),
+        (Ipv4Addr::new(192, 168, 0, 2), Mac([0x0e, 0, 0, 0, 0, 2]))
+    );
+    assert!(t.remote_node(Ipv4Addr::new(10, 244, 3, 7)).is_none());
+    assert_eq!(t.node().node_ips, vec![Ipv4Addr::new(192, 168, 0, 1)]);
+}

@@ -125,6 +125,10 @@ impl Source for KubeSource {
     fn name(&self) -> &'static str {
         "kubernetes"
     }
+
+    fn errors(&self) -> u64 {
+        self.status.errors.load(Ordering::Relaxed)
+    }
 }
 
 /// A store is ready once its first list is complete.

@@ -10,8 +10,11 @@
 
 pub mod compile;
 pub mod config;
+pub mod daemon;
+pub mod health;
 pub mod kube_source;
 pub mod manifests;
+pub mod metrics;
 pub mod objects;
 pub mod runner;
 pub mod source;

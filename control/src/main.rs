@@ -16,6 +16,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the control process: watch the cluster (or a manifest directory),
+    /// keep the tables in sync, serve /healthz (10256) and /metrics (10249).
+    Run(RunArgs),
     /// Compile a manifest directory without touching the network: print what
     /// would be programmed, and exit non-zero naming every unusable object.
     Check {
@@ -34,6 +37,118 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// KubeProxyConfiguration YAML (plus kxp's own `kxp:` section).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Read Services/EndpointSlices/Nodes from this directory instead of the
+    /// API server (standalone and lab mode); reloaded on change.
+    #[arg(long, conflicts_with_all = ["master", "kubeconfig"])]
+    manifests: Option<PathBuf>,
+    /// API server URL. Overrides the kubeconfig's; needed in-cluster, where
+    /// the default points at the `kubernetes` ClusterIP kxp itself programs.
+    #[arg(long)]
+    master: Option<String>,
+    /// Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (hostnameOverride).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// clusterCIDR.
+    #[arg(long)]
+    cluster_cidr: Option<dataplane::addr::Cidr>,
+    /// healthzBindAddress, e.g. 0.0.0.0:10256.
+    #[arg(long)]
+    healthz_bind_address: Option<std::net::SocketAddr>,
+    /// metricsBindAddress, e.g. 127.0.0.1:10249.
+    #[arg(long)]
+    metrics_bind_address: Option<std::net::SocketAddr>,
+    /// minSyncPeriod (Go duration, e.g. 1s).
+    #[arg(long, value_parser = control::config::parse_go_duration)]
+    min_sync_period: Option<std::time::Duration>,
+    /// syncPeriod (Go duration, e.g. 30s).
+    #[arg(long, value_parser = control::config::parse_go_duration)]
+    sync_period: Option<std::time::Duration>,
+}
+
+async fn run(a: RunArgs) -> Result<(), String> {
+    let mut cfg = control::config::Config::load(a.config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(n) = a.node_name {
+        cfg.node_name = n;
+    }
+    if a.cluster_cidr.is_some() {
+        cfg.cluster_cidr = a.cluster_cidr;
+    }
+    if let Some(b) = a.healthz_bind_address {
+        cfg.healthz_bind_address = b;
+    }
+    if let Some(b) = a.metrics_bind_address {
+        cfg.metrics_bind_address = b;
+    }
+    if let Some(d) = a.min_sync_period {
+        cfg.min_sync_period = d;
+    }
+    if let Some(d) = a.sync_period {
+        cfg.sync_period = d;
+    }
+    let source = match a.manifests {
+        Some(dir) => control::daemon::SourceSpec::Manifests(dir),
+        None => control::daemon::SourceSpec::Kube(kube_client(a.master, a.kubeconfig).await?),
+    };
+    let d = control::daemon::start(&cfg, source).await.map_err(|e| e.to_string())?;
+    tracing::info!(node = %cfg.node_name, healthz = %d.healthz_addr, metrics = %d.metrics_addr, "kxp control running");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn kube_client(master: Option<String>, kubeconfig: Option<PathBuf>) -> Result<kube::Client, String> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(&path)
+                .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => match (&master, kube::Config::infer().await) {
+            (_, Ok(c)) => c,
+            (Some(m), Err(_)) => kube::Config::new(m.parse().map_err(|e| format!("--master {m:?}: {e}"))?),
+            (None, Err(e)) => return Err(format!(
+                "no Kubernetes API configuration found ({e}); pass --master URL, --kubeconfig FILE, or --manifests DIR"
+            )),
+        },
+    };
+    if let Some(m) = master {
+        config.cluster_url = m.parse().map_err(|e| format!("--master {m:?}: {e}"))?;
+    } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        tracing::warn!("using the in-cluster API address, which is the `kubernetes` ClusterIP kxp itself programs; pass --master with the API server's real address");
+    }
+    kube::Client::try_from(config).map_err(|e| format!("cannot build Kubernetes client: {e}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').ok_or("expected LOW-HIGH, e.g. 30000-32767")?;
     let lo: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
@@ -46,7 +161,31 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
+        Command::Run(args) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("kxp: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kxp: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Check {
             manifests: dir,
             node_name,

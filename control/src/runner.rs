@@ -12,7 +12,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use std::collections::{BTreeMap, HashMap};
+
 use crate::compile::{compile, NodeContext, Problem, ServiceIds};
+use crate::health::{unix_now, HealthCheckServers};
+use crate::metrics::Metrics;
+use crate::objects::{ClusterObjects, ObjectKey};
 use crate::source::Source;
 use crate::sync::{SyncReport, Syncer};
 
@@ -59,6 +64,9 @@ pub struct SyncLoop {
     pub policy: SyncPolicy,
     pub changed: Arc<Notify>,
     pub status: Arc<SyncStatus>,
+    pub metrics: Arc<Metrics>,
+    /// healthCheckNodePort servers; `None` in tests that do not want ports.
+    pub health_checks: Option<HealthCheckServers>,
 }
 
 impl SyncLoop {
@@ -67,6 +75,7 @@ impl SyncLoop {
         let mut ids = ServiceIds::default();
         let mut last_success = None;
         let mut last_sync: Option<Instant> = None;
+        let mut triggers: HashMap<ObjectKey, String> = HashMap::new();
         loop {
             tokio::select! {
                 _ = self.changed.notified() => {}
@@ -85,6 +94,7 @@ impl SyncLoop {
             let outcome = match self.source.snapshot() {
                 Ok(objs) => {
                     let desired = compile(&objs, &self.ctx, &mut ids);
+                    let health_ports = desired.health_check_node_ports.clone();
                     let SyncReport {
                         added,
                         updated,
@@ -92,6 +102,13 @@ impl SyncLoop {
                         problems,
                         published,
                     } = self.syncer.apply(desired);
+                    self.record(&objs, &mut triggers, started, added + updated + removed, problems.len());
+                    if let Some(hc) = self.health_checks.as_mut() {
+                        let want = health_check_wants(&health_ports, self.syncer.live());
+                        for e in hc.update(want).await {
+                            tracing::warn!(error = %e, "healthCheckNodePort not served");
+                        }
+                    }
                     for p in &problems {
                         tracing::warn!(object = %p.object, reason = %p.reason, "skipped");
                     }
@@ -116,6 +133,7 @@ impl SyncLoop {
                 }
                 Err(reason) => {
                     self.status.failed_syncs.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.sync_failures.inc();
                     tracing::warn!(source = self.source.name(), %reason, "source unusable; keeping the live tables");
                     SyncOutcome {
                         at: started,
@@ -126,9 +144,90 @@ impl SyncLoop {
                     }
                 }
             };
+            self.metrics.api_watch_errors.set(self.source.errors() as i64);
             self.status.syncs.fetch_add(1, Ordering::Relaxed);
             *self.status.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
             last_sync = Some(Instant::now());
         }
     }
+}
+
+impl SyncLoop {
+    /// Metrics of one successful sync.
+    fn record(
+        &self,
+        objs: &ClusterObjects,
+        triggers: &mut HashMap<ObjectKey, String>,
+        started: Instant,
+        changes: usize,
+        problems: usize,
+    ) {
+        let m = &self.metrics;
+        m.sync_duration.observe(started.elapsed().as_secs_f64());
+        m.last_sync_timestamp.set(unix_now(Instant::now()));
+        m.service_changes.inc_by(changes as u64);
+        m.skipped_objects.set(problems as i64);
+        let live = self.syncer.live();
+        m.service_ports.set(live.len() as i64);
+        let no_local = |f: &dyn Fn(&dataplane::tables::ServiceSpec) -> bool| {
+            live.values().filter(|s| f(s) && local_usable(s) == 0).count() as i64
+        };
+        let labels = |p: &str| vec![("traffic_policy".to_string(), p.to_string())];
+        m.no_local_endpoints
+            .get_or_create(&labels("internal"))
+            .set(no_local(&|s| s.internal_local));
+        m.no_local_endpoints
+            .get_or_create(&labels("external"))
+            .set(no_local(&|s| s.external_local));
+        // Network programming latency: from each new endpoint-change trigger
+        // time (set by the EndpointSlice controller) to now, tables live.
+        let now = jiff::Timestamp::now();
+        for (key, slice) in &objs.endpoint_slices {
+            let Some(t) = slice.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else {
+                continue;
+            };
+            if triggers.get(key) == Some(t) {
+                continue;
+            }
+            triggers.insert(key.clone(), t.clone());
+            if let Ok(at) = t.parse::<jiff::Timestamp>() {
+                let secs = now.duration_since(at).as_secs_f64();
+                if secs >= 0.0 {
+                    m.network_programming_duration.observe(secs);
+                }
+            }
+        }
+        triggers.retain(|k, _| objs.endpoint_slices.contains_key(k));
+    }
+}
+
+/// Annotation the EndpointSlice controller sets to when the change began.
+pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Local endpoints a Local-policy service can use: ready ones, else the
+/// serving-and-terminating ones (the same rule as the dataplane's).
+pub fn local_usable(s: &dataplane::tables::ServiceSpec) -> usize {
+    let ready = s.endpoints.iter().filter(|e| e.local && e.ready).count();
+    if ready > 0 {
+        ready
+    } else {
+        s.endpoints
+            .iter()
+            .filter(|e| e.local && e.serving && e.terminating)
+            .count()
+    }
+}
+
+fn health_check_wants(
+    ports: &BTreeMap<String, u16>,
+    live: &BTreeMap<String, dataplane::tables::ServiceSpec>,
+) -> BTreeMap<u16, (String, usize)> {
+    let mut want: BTreeMap<u16, (String, usize)> = BTreeMap::new();
+    for (name, port) in ports {
+        let Some(spec) = live.get(name) else { continue };
+        // Several ports of one service share its healthCheckNodePort.
+        let e = want.entry(*port).or_insert_with(|| (name.clone(), 0));
+        e.1 = e.1.max(local_usable(spec));
+    }
+    want
 }

@@ -20,6 +20,10 @@ pub trait Source: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// Short name for logs and metrics.
     fn name(&self) -> &'static str;
+    /// Errors talking to the source so far (each followed by a retry).
+    fn errors(&self) -> u64 {
+        0
+    }
 }
 
 /// Manifests in a directory, reloaded when any file in it changes.

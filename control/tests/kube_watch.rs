@@ -67,6 +67,8 @@ async fn start(policy: SyncPolicy) -> Harness {
         policy,
         changed,
         status: status.clone(),
+        metrics: Arc::new(control::metrics::Metrics::new()),
+        health_checks: None,
     };
     tokio::spawn(sync.run());
     Harness {

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::addr::Mac;
@@ -76,7 +77,7 @@ pub const ANNOTATION_KXP_VTEP_MAC: &str = "kxp.io/vtep-mac";
 /// The compiled result: service ports by `ns/name:port`, and problems.
 #[derive(Debug, Default)]
 pub struct Desired {
-    pub services: BTreeMap<String, ServiceSpec>,
+    pub services: BTreeMap<String, Arc<ServiceSpec>>,
     pub nodes: NodeFacts,
     /// `healthCheckNodePort` of eTP=Local services, by service port name.
     pub health_check_node_ports: BTreeMap<String, u16>,
@@ -85,194 +86,275 @@ pub struct Desired {
     pub ignored: usize,
 }
 
+/// Compiles cluster objects, remembering each service's result: a service
+/// whose resourceVersion and whose slices' resourceVersions are unchanged is
+/// not compiled again, so a sync costs O(changed) compilation plus a cheap
+/// pass over the others (fingerprint compare, duplicate check). Objects
+/// without resourceVersions (hand-written manifests) are always compiled.
+#[derive(Default)]
+pub struct Compiler {
+    ids: ServiceIds,
+    cache: HashMap<ObjectKey, Compiled>,
+}
+
+/// One service's compiled output.
+struct Compiled {
+    fingerprint: Vec<String>,
+    ports: Vec<CompiledPort>,
+    problems: Vec<Problem>,
+}
+
+struct CompiledPort {
+    spec: Arc<ServiceSpec>,
+    /// `Service ns/name port p`, for duplicate reports.
+    object: String,
+    health_check: Option<u16>,
+}
+
+/// Compiles once, without a cache (for `kxp check` and tests).
 pub fn compile(objs: &ClusterObjects, ctx: &NodeContext, ids: &mut ServiceIds) -> Desired {
-    let mut out = Desired::default();
-    out.nodes = node_facts(objs, ctx, &mut out.problems);
-    // Slices by owning service.
-    let mut slices: HashMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>> = HashMap::new();
-    for (k, s) in &objs.endpoint_slices {
-        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
-            slices
-                .entry(ObjectKey {
-                    namespace: k.namespace.clone(),
-                    name: svc.clone(),
-                })
-                .or_default()
-                .push((k, s));
+    let mut c = Compiler {
+        ids: std::mem::take(ids),
+        cache: HashMap::new(),
+    };
+    let out = c.compile(objs, ctx);
+    *ids = c.ids;
+    out
+}
+
+impl Compiler {
+    pub fn compile(&mut self, objs: &ClusterObjects, ctx: &NodeContext) -> Desired {
+        let mut out = Desired::default();
+        out.nodes = node_facts(objs, ctx, &mut out.problems);
+        // Slices by owning service.
+        let mut slices: HashMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>> = HashMap::new();
+        for (k, s) in &objs.endpoint_slices {
+            if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+                slices
+                    .entry(ObjectKey {
+                        namespace: k.namespace.clone(),
+                        name: svc.clone(),
+                    })
+                    .or_default()
+                    .push((k, s));
+            }
         }
+        let mut frontends: HashMap<Frontend, String> = HashMap::new();
+        let mut node_ports: HashMap<(Proto, u16), String> = HashMap::new();
+        for (key, svc) in &objs.services {
+            if ignored(svc) {
+                out.ignored += 1;
+                continue;
+            }
+            let mine = slices.get(key).map(Vec::as_slice).unwrap_or(&[]);
+            let fingerprint = fingerprint(svc, mine);
+            let hit = fingerprint
+                .as_ref()
+                .is_some_and(|f| self.cache.get(key).is_some_and(|c| &c.fingerprint == f));
+            if !hit {
+                let compiled = compile_service(key, svc, mine, ctx, &mut self.ids, fingerprint.unwrap_or_default());
+                self.cache.insert(key.clone(), compiled);
+            }
+            let compiled = &self.cache[key];
+            out.problems.extend(compiled.problems.iter().cloned());
+            for port in &compiled.ports {
+                let spec = &port.spec;
+                // Duplicates: the first service (by name) keeps the address.
+                let fes = spec
+                    .cluster_ips
+                    .iter()
+                    .chain(&spec.external_ips)
+                    .chain(&spec.load_balancer_ips)
+                    .map(|ip| Frontend {
+                        ip: *ip,
+                        port: spec.port,
+                        proto: spec.proto,
+                    });
+                if let Some((fe, owner)) = fes.clone().find_map(|fe| frontends.get(&fe).map(|o| (fe, o))) {
+                    let reason = format!("{}:{}/{} is already used by service {owner}", fe.ip, fe.port, fe.proto);
+                    out.problems.push(Problem {
+                        object: port.object.clone(),
+                        reason,
+                    });
+                    continue;
+                }
+                if let Some(owner) = spec.node_port.and_then(|np| node_ports.get(&(spec.proto, np))) {
+                    let reason = format!(
+                        "nodePort {}/{} is already used by service {owner}",
+                        spec.node_port.unwrap_or(0),
+                        spec.proto
+                    );
+                    out.problems.push(Problem {
+                        object: port.object.clone(),
+                        reason,
+                    });
+                    continue;
+                }
+                for fe in fes {
+                    frontends.insert(fe, spec.name.clone());
+                }
+                if let Some(np) = spec.node_port {
+                    node_ports.insert((spec.proto, np), spec.name.clone());
+                }
+                if let Some(h) = port.health_check {
+                    out.health_check_node_ports.insert(spec.name.clone(), h);
+                }
+                out.services.insert(spec.name.clone(), spec.clone());
+            }
+        }
+        self.cache.retain(|k, _| objs.services.contains_key(k));
+        out
     }
-    let mut frontends: HashMap<Frontend, String> = HashMap::new();
-    let mut node_ports: HashMap<(Proto, u16), String> = HashMap::new();
-    for (key, svc) in &objs.services {
-        if ignored(svc) {
-            out.ignored += 1;
-            continue;
+}
+
+/// The resourceVersions a service's compilation depends on, or `None` when
+/// some object has none (then it is always recompiled).
+fn fingerprint(svc: &Service, slices: &[(&ObjectKey, &EndpointSlice)]) -> Option<Vec<String>> {
+    let mut f = vec![svc.metadata.resource_version.clone()?];
+    for (k, s) in slices {
+        f.push(format!("{}={}", k.name, s.metadata.resource_version.as_deref()?));
+    }
+    f.sort_unstable();
+    Some(f)
+}
+
+fn compile_service(
+    key: &ObjectKey,
+    svc: &Service,
+    slices: &[(&ObjectKey, &EndpointSlice)],
+    ctx: &NodeContext,
+    ids: &mut ServiceIds,
+    fingerprint: Vec<String>,
+) -> Compiled {
+    let mut out = Compiled {
+        fingerprint,
+        ports: Vec::new(),
+        problems: Vec::new(),
+    };
+    let object = format!("Service {key}");
+    let mut problem = |reason: String| {
+        out.problems.push(Problem {
+            object: object.clone(),
+            reason,
+        })
+    };
+    let Some(spec) = svc.spec.as_ref() else {
+        problem("has no spec".into());
+        return out;
+    };
+    let cluster_ips = match ipv4_list(spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter())) {
+        Ok(v) => v,
+        Err(e) => {
+            problem(format!("invalid clusterIP: {e}"));
+            return out;
         }
-        let object = format!("Service {key}");
-        let mut problem = |reason: String| {
+    };
+    let external_ips = match ipv4_list(spec.external_ips.iter().flatten()) {
+        Ok(v) => v,
+        Err(e) => {
+            problem(format!("invalid externalIPs: {e}"));
+            return out;
+        }
+    };
+    let lb_ips = match ipv4_list(
+        svc.status
+            .iter()
+            .flat_map(|s| s.load_balancer.iter())
+            .flat_map(|l| l.ingress.iter().flatten())
+            .filter_map(|i| i.ip.as_ref()),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            problem(format!("invalid status.loadBalancer.ingress IP: {e}"));
+            return out;
+        }
+    };
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let wants_node_port = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let external_local =
+        spec.external_traffic_policy.as_deref() == Some("Local") && (wants_node_port || !external_ips.is_empty());
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let affinity = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(10800);
+            if !(1..=86400).contains(&t) {
+                problem(format!("sessionAffinityConfig timeoutSeconds {t} outside 1-86400"));
+                return out;
+            }
+            Some(Duration::from_secs(t as u64))
+        }
+        _ => None,
+    };
+    for port in spec.ports.iter().flatten() {
+        let pname = port.name.clone().unwrap_or_default();
+        let name = format!("{key}:{pname}");
+        let label = if pname.is_empty() {
+            port.port.to_string()
+        } else {
+            pname.clone()
+        };
+        let pobject = format!("Service {key} port {label}");
+        let mut pproblem = |reason: String| {
             out.problems.push(Problem {
-                object: object.clone(),
+                object: pobject.clone(),
                 reason,
             })
         };
-        let spec = match svc.spec.as_ref() {
-            Some(s) => s,
-            None => {
-                problem("has no spec".into());
-                continue;
-            }
-        };
-        let cluster_ips = match ipv4_list(spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter())) {
-            Ok(v) => v,
+        let proto = match protocol(port.protocol.as_deref()) {
+            Ok(p) => p,
             Err(e) => {
-                problem(format!("invalid clusterIP: {e}"));
+                pproblem(e);
                 continue;
             }
         };
-        let external_ips = match ipv4_list(spec.external_ips.iter().flatten()) {
-            Ok(v) => v,
-            Err(e) => {
-                problem(format!("invalid externalIPs: {e}"));
-                continue;
-            }
+        let Some(svc_port) = u16::try_from(port.port).ok().filter(|p| *p > 0) else {
+            pproblem(format!("port {} outside 1-65535", port.port));
+            continue;
         };
-        let lb_ips = match ipv4_list(
-            svc.status
-                .iter()
-                .flat_map(|s| s.load_balancer.iter())
-                .flat_map(|l| l.ingress.iter().flatten())
-                .filter_map(|i| i.ip.as_ref()),
-        ) {
-            Ok(v) => v,
-            Err(e) => {
-                problem(format!("invalid status.loadBalancer.ingress IP: {e}"));
-                continue;
-            }
-        };
-        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let wants_node_port = matches!(svc_type, "NodePort" | "LoadBalancer");
-        let external_local =
-            spec.external_traffic_policy.as_deref() == Some("Local") && (wants_node_port || !external_ips.is_empty());
-        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let affinity = match spec.session_affinity.as_deref() {
-            Some("ClientIP") => {
-                let t = spec
-                    .session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
-                    .unwrap_or(10800);
-                if !(1..=86400).contains(&t) {
-                    problem(format!("sessionAffinityConfig timeoutSeconds {t} outside 1-86400"));
-                    continue;
+        let node_port = match (wants_node_port, port.node_port) {
+            (true, Some(np)) => {
+                let (lo, hi) = ctx.node_port_range;
+                match u16::try_from(np).ok().filter(|p| (lo..=hi).contains(p)) {
+                    Some(p) => Some(p),
+                    None => {
+                        pproblem(format!("nodePort {np} outside the node port range {lo}-{hi}"));
+                        continue;
+                    }
                 }
-                Some(Duration::from_secs(t as u64))
             }
             _ => None,
         };
-        for port in spec.ports.iter().flatten() {
-            let pname = port.name.clone().unwrap_or_default();
-            let name = format!("{key}:{pname}");
-            let pobject = format!(
-                "Service {key} port {}",
-                if pname.is_empty() {
-                    port.port.to_string()
-                } else {
-                    pname.clone()
-                }
-            );
-            let mut pproblem = |reason: String| {
-                out.problems.push(Problem {
-                    object: pobject.clone(),
-                    reason,
-                })
-            };
-            let proto = match protocol(port.protocol.as_deref()) {
-                Ok(p) => p,
-                Err(e) => {
-                    pproblem(e);
-                    continue;
-                }
-            };
-            let Some(svc_port) = u16::try_from(port.port).ok().filter(|p| *p > 0) else {
-                pproblem(format!("port {} outside 1-65535", port.port));
-                continue;
-            };
-            let node_port = match (wants_node_port, port.node_port) {
-                (true, Some(np)) => {
-                    let (lo, hi) = ctx.node_port_range;
-                    match u16::try_from(np).ok().filter(|p| (lo..=hi).contains(p)) {
-                        Some(p) => Some(p),
-                        None => {
-                            pproblem(format!("nodePort {np} outside the node port range {lo}-{hi}"));
-                            continue;
-                        }
-                    }
-                }
-                _ => None,
-            };
-            // Duplicates: the first service (by name) keeps the address.
-            let fes: Vec<Frontend> = cluster_ips
-                .iter()
-                .chain(&external_ips)
-                .chain(&lb_ips)
-                .map(|ip| Frontend {
-                    ip: *ip,
-                    port: svc_port,
-                    proto,
-                })
-                .collect();
-            if let Some((fe, owner)) = fes.iter().find_map(|fe| frontends.get(fe).map(|o| (fe, o))) {
-                pproblem(format!(
-                    "{}:{}/{} is already used by service {owner}",
-                    fe.ip, fe.port, fe.proto
-                ));
-                continue;
-            }
-            if let Some(owner) = node_port.and_then(|np| node_ports.get(&(proto, np))) {
-                pproblem(format!(
-                    "nodePort {}/{proto} is already used by service {owner}",
-                    node_port.unwrap_or(0)
-                ));
-                continue;
-            }
-            for fe in fes {
-                frontends.insert(fe, name.clone());
-            }
-            if let Some(np) = node_port {
-                node_ports.insert((proto, np), name.clone());
-            }
-            let endpoints = endpoints_for(
-                slices.get(key).map(Vec::as_slice).unwrap_or(&[]),
-                port,
-                proto,
-                ctx,
-                &mut out.problems,
-            );
-            if external_local {
-                if let Some(h) = spec.health_check_node_port.and_then(|h| u16::try_from(h).ok()) {
-                    out.health_check_node_ports.insert(name.clone(), h);
-                }
-            }
-            let id = ids.get(&name);
-            out.services.insert(
-                name.clone(),
-                ServiceSpec {
-                    id,
-                    name,
-                    proto,
-                    port: svc_port,
-                    cluster_ips: cluster_ips.clone(),
-                    external_ips: external_ips.clone(),
-                    load_balancer_ips: lb_ips.clone(),
-                    node_port,
-                    external_local,
-                    internal_local,
-                    affinity,
-                    endpoints,
-                },
-            );
-        }
+        let endpoints = endpoints_for(slices, port, proto, ctx, &mut out.problems);
+        let health_check = if external_local {
+            spec.health_check_node_port.and_then(|h| u16::try_from(h).ok())
+        } else {
+            None
+        };
+        let id = ids.get(&name);
+        let spec = ServiceSpec {
+            id,
+            name,
+            proto,
+            port: svc_port,
+            cluster_ips: cluster_ips.clone(),
+            external_ips: external_ips.clone(),
+            load_balancer_ips: lb_ips.clone(),
+            node_port,
+            external_local,
+            internal_local,
+            affinity,
+            endpoints,
+        };
+        out.ports.push(CompiledPort {
+            spec: Arc::new(spec),
+            object: pobject,
+            health_check,
+        });
     }
     out
 }

@@ -116,9 +116,11 @@ async fn kube_client(master: Option<String>, kubeconfig: Option<PathBuf>) -> Res
         None => match (&master, kube::Config::infer().await) {
             (_, Ok(c)) => c,
             (Some(m), Err(_)) => kube::Config::new(m.parse().map_err(|e| format!("--master {m:?}: {e}"))?),
-            (None, Err(e)) => return Err(format!(
+            (None, Err(e)) => {
+                return Err(format!(
                 "no Kubernetes API configuration found ({e}); pass --master URL, --kubeconfig FILE, or --manifests DIR"
-            )),
+            ))
+            }
         },
     };
     if let Some(m) = master {

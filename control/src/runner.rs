@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::compile::{compile, NodeContext, Problem, ServiceIds};
+use crate::compile::{Compiler, NodeContext, Problem};
 use crate::health::{unix_now, HealthCheckServers};
 use crate::metrics::Metrics;
 use crate::objects::{ClusterObjects, ObjectKey};
@@ -72,7 +72,7 @@ pub struct SyncLoop {
 impl SyncLoop {
     /// Runs forever (until the task is dropped).
     pub async fn run(mut self) {
-        let mut ids = ServiceIds::default();
+        let mut compiler = Compiler::default();
         let mut last_success = None;
         let mut last_sync: Option<Instant> = None;
         let mut triggers: HashMap<ObjectKey, String> = HashMap::new();
@@ -93,7 +93,7 @@ impl SyncLoop {
             let started = Instant::now();
             let outcome = match self.source.snapshot() {
                 Ok(objs) => {
-                    let desired = compile(&objs, &self.ctx, &mut ids);
+                    let desired = compiler.compile(&objs, &self.ctx);
                     let health_ports = desired.health_check_node_ports.clone();
                     let SyncReport {
                         added,
@@ -220,7 +220,7 @@ pub fn local_usable(s: &dataplane::tables::ServiceSpec) -> usize {
 
 fn health_check_wants(
     ports: &BTreeMap<String, u16>,
-    live: &BTreeMap<String, dataplane::tables::ServiceSpec>,
+    live: &BTreeMap<String, Arc<dataplane::tables::ServiceSpec>>,
 ) -> BTreeMap<u16, (String, usize)> {
     let mut want: BTreeMap<u16, (String, usize)> = BTreeMap::new();
     for (name, port) in ports {

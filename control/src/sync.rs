@@ -6,6 +6,7 @@
 //! out; everything else still applies.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use dataplane::tables::{ServiceSpec, TableError};
 use dataplane::Publisher;
@@ -32,7 +33,7 @@ impl SyncReport {
 /// Owns the publisher and remembers what is live.
 pub struct Syncer {
     publisher: Publisher,
-    live: BTreeMap<String, ServiceSpec>,
+    live: BTreeMap<String, Arc<ServiceSpec>>,
     live_nodes: NodeFacts,
 }
 
@@ -49,7 +50,7 @@ impl Syncer {
         &self.publisher
     }
 
-    pub fn live(&self) -> &BTreeMap<String, ServiceSpec> {
+    pub fn live(&self) -> &BTreeMap<String, Arc<ServiceSpec>> {
         &self.live
     }
 
@@ -73,7 +74,7 @@ impl Syncer {
         }
         for (name, spec) in desired.services {
             let existed = match self.live.get(&name) {
-                Some(old) if *old == spec => continue,
+                Some(old) if Arc::ptr_eq(old, &spec) || **old == *spec => continue,
                 Some(_) => true,
                 None => false,
             };

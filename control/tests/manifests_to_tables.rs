@@ -360,3 +360,48 @@ status: {addresses: [{type: InternalIP, address: 192.168.0.3}]}
     assert!(t.remote_node(Ipv4Addr::new(10, 244, 3, 7)).is_none());
     assert_eq!(t.node().node_ips, vec![Ipv4Addr::new(192, 168, 0, 1)]);
 }
+
+#[test]
+fn unchanged_services_are_not_compiled_again() {
+    let with_rv = GOOD
+        .replace(
+            "metadata: {name: web, namespace: shop}",
+            "metadata: {name: web, namespace: shop, resourceVersion: '5'}",
+        )
+        .replace(
+            "metadata: {name: db, namespace: shop}",
+            "metadata: {name: db, namespace: shop, resourceVersion: '6'}",
+        )
+        .replace(
+            "metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}",
+            "metadata: {name: web-1, namespace: shop, resourceVersion: '7', labels: {kubernetes.io/service-name: web}}",
+        );
+    let mut objs = control::objects::ClusterObjects::default();
+    manifests::load_str(&with_rv, &mut objs).unwrap();
+    let mut c = control::compile::Compiler::default();
+    let a = c.compile(&objs, &ctx());
+    let b = c.compile(&objs, &ctx());
+    assert!(
+        std::sync::Arc::ptr_eq(&a.services["shop/web:http"], &b.services["shop/web:http"]),
+        "cached"
+    );
+    // A new slice version recompiles that service only.
+    let key = objs.endpoint_slices.keys().next().unwrap().clone();
+    let s = objs.endpoint_slices.get_mut(&key).unwrap();
+    s.metadata.resource_version = Some("8".into());
+    s.endpoints.as_mut().unwrap().pop();
+    let c2 = c.compile(&objs, &ctx());
+    assert!(!std::sync::Arc::ptr_eq(
+        &b.services["shop/web:http"],
+        &c2.services["shop/web:http"]
+    ));
+    assert_eq!(c2.services["shop/web:http"].endpoints.len(), 2);
+    assert!(std::sync::Arc::ptr_eq(
+        &b.services["shop/db:"],
+        &c2.services["shop/db:"]
+    ));
+    assert_eq!(
+        b.services["shop/web:http"].id, c2.services["shop/web:http"].id,
+        "ids are stable"
+    );
+}

@@ -99,7 +99,6 @@ fn slice(i: usize, endpoints: usize) -> EndpointSlice {
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-        ..Default::default()
     }
 }
 

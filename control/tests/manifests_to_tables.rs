@@ -405,3 +405,16 @@ fn unchanged_services_are_not_compiled_again() {
         "ids are stable"
     );
 }
+
+#[test]
+fn the_shipped_example_manifests_check_cleanly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let ctx = NodeContext {
+        node_name: "node-1".into(),
+        ..ctx()
+    };
+    let out = compile(&manifests::load_dir(&dir).unwrap(), &ctx, &mut ServiceIds::default());
+    assert_eq!(out.problems, vec![]);
+    assert_eq!(out.services.len(), 2);
+    assert_eq!(out.nodes.remote.len(), 1);
+}

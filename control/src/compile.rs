@@ -207,6 +207,39 @@ impl Compiler {
     }
 }
 
+/// One service compiled alone (an incremental sync): its ports, the
+/// problems found, and its healthCheckNodePort if any. A deleted or ignored
+/// service yields no ports.
+pub struct ServiceOutput {
+    pub ports: Vec<Arc<ServiceSpec>>,
+    pub problems: Vec<Problem>,
+    pub health_check: Option<u16>,
+}
+
+impl Compiler {
+    pub fn compile_one(&mut self, view: &crate::source::ServiceView, ctx: &NodeContext) -> ServiceOutput {
+        let empty = ServiceOutput {
+            ports: vec![],
+            problems: vec![],
+            health_check: None,
+        };
+        let Some(svc) = view.service.as_ref().filter(|s| !ignored(s)) else {
+            self.cache.remove(&view.key);
+            return empty;
+        };
+        let slices: Vec<(&ObjectKey, &EndpointSlice)> = view.slices.iter().map(|(k, s)| (k, s)).collect();
+        let fp = fingerprint(svc, &slices).unwrap_or_default();
+        let compiled = compile_service(&view.key, svc, &slices, ctx, &mut self.ids, fp);
+        let out = ServiceOutput {
+            ports: compiled.ports.iter().map(|p| p.spec.clone()).collect(),
+            problems: compiled.problems.clone(),
+            health_check: compiled.ports.iter().find_map(|p| p.health_check),
+        };
+        self.cache.insert(view.key.clone(), compiled);
+        out
+    }
+}
+
 /// The resourceVersions a service's compilation depends on, or `None` when
 /// some object has none (then it is always recompiled).
 fn fingerprint(svc: &Service, slices: &[(&ObjectKey, &EndpointSlice)]) -> Option<Vec<String>> {

@@ -9,19 +9,20 @@
 //! their last content, the tables stay live, and the watcher retries with
 //! exponential backoff (counted in `KubeStatus`).
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::Notify;
 
-use crate::objects::{key_of, ClusterObjects, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
-use crate::source::Source;
+use crate::objects::{key_of, ClusterObjects, ObjectKey, LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
+use crate::source::{Changes, ServiceView, Source};
 
 /// kube-proxy's selector for Services and EndpointSlices it must ignore.
 pub fn proxy_label_selector() -> String {
@@ -42,6 +43,31 @@ pub struct KubeSource {
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
     pub status: Arc<KubeStatus>,
+    dirty: Arc<Mutex<Dirty>>,
+    /// Service -> its EndpointSlices, kept from watch events.
+    slice_index: Arc<Mutex<SliceIndex>>,
+}
+
+type SliceIndex = HashMap<ObjectKey, BTreeSet<ObjectKey>>;
+
+/// What changed since the last sync.
+struct Dirty {
+    /// A relist or a node change: compile everything.
+    full: bool,
+    services: BTreeSet<ObjectKey>,
+}
+
+/// The service an EndpointSlice belongs to.
+fn owner(s: &EndpointSlice) -> Option<ObjectKey> {
+    let name = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(ObjectKey {
+        namespace: key_of(&s.metadata).namespace,
+        name: name.clone(),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl KubeSource {
@@ -49,30 +75,81 @@ impl KubeSource {
     /// change to any store.
     pub fn spawn(client: Client, changed: Arc<Notify>) -> Arc<Self> {
         let status = Arc::new(KubeStatus::default());
+        let dirty = Arc::new(Mutex::new(Dirty {
+            full: true,
+            services: BTreeSet::new(),
+        }));
+        let slice_index: Arc<Mutex<SliceIndex>> = Arc::default();
         let selector = proxy_label_selector();
+        let d = dirty.clone();
         let services = watch::<Service>(
             Api::all(client.clone()),
             watcher::Config::default().labels(&selector),
             changed.clone(),
             status.clone(),
+            move |ev| match ev {
+                watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                    lock(&d).services.insert(key_of(&s.metadata));
+                }
+                watcher::Event::InitDone => lock(&d).full = true,
+                _ => {}
+            },
         );
+        let (d, idx) = (dirty.clone(), slice_index.clone());
         let slices = watch::<EndpointSlice>(
             Api::all(client.clone()),
             watcher::Config::default().labels(&selector),
             changed.clone(),
             status.clone(),
+            move |ev| match ev {
+                watcher::Event::Apply(s) => {
+                    if let Some(svc) = owner(s) {
+                        lock(&idx).entry(svc.clone()).or_default().insert(key_of(&s.metadata));
+                        lock(&d).services.insert(svc);
+                    }
+                }
+                watcher::Event::Delete(s) => {
+                    if let Some(svc) = owner(s) {
+                        if let Some(set) = lock(&idx).get_mut(&svc) {
+                            set.remove(&key_of(&s.metadata));
+                        }
+                        lock(&d).services.insert(svc);
+                    }
+                }
+                watcher::Event::InitDone => lock(&d).full = true,
+                _ => {}
+            },
         );
-        let nodes = watch::<Node>(Api::all(client), watcher::Config::default(), changed, status.clone());
+        let d = dirty.clone();
+        let nodes = watch::<Node>(
+            Api::all(client),
+            watcher::Config::default(),
+            changed,
+            status.clone(),
+            move |ev| {
+                if !matches!(ev, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                    lock(&d).full = true;
+                }
+            },
+        );
         Arc::new(KubeSource {
             services,
             slices,
             nodes,
             status,
+            dirty,
+            slice_index,
         })
     }
 }
 
-fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>, status: Arc<KubeStatus>) -> Store<K>
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    status: Arc<KubeStatus>,
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
+) -> Store<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -84,7 +161,9 @@ where
         while let Some(ev) = stream.next().await {
             match ev {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(_) => {
+                Ok(ev) => {
+                    // The reflector has already applied the event to the store.
+                    on_event(&ev);
                     status.connected.store(true, Ordering::Relaxed);
                     changed.notify_one();
                 }
@@ -128,6 +207,54 @@ impl Source for KubeSource {
 
     fn errors(&self) -> u64 {
         self.status.errors.load(Ordering::Relaxed)
+    }
+
+    fn take_changes(&self) -> Changes {
+        let keys = {
+            let mut d = lock(&self.dirty);
+            if d.full {
+                d.full = false;
+                d.services.clear();
+                drop(d);
+                self.rebuild_index();
+                return Changes::Full;
+            }
+            std::mem::take(&mut d.services)
+        };
+        let idx = lock(&self.slice_index);
+        let views = keys
+            .into_iter()
+            .map(|key| {
+                let service = self
+                    .services
+                    .get(&ObjectRef::new(&key.name).within(&key.namespace))
+                    .map(|s| (*s).clone());
+                let slices = idx
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|sk| {
+                        let s = self.slices.get(&ObjectRef::new(&sk.name).within(&sk.namespace))?;
+                        Some((sk.clone(), (*s).clone()))
+                    })
+                    .collect();
+                ServiceView { key, service, slices }
+            })
+            .collect();
+        Changes::Services(views)
+    }
+}
+
+impl KubeSource {
+    /// After a relist the store was replaced wholesale: rebuild the index.
+    fn rebuild_index(&self) {
+        let mut idx = SliceIndex::new();
+        for s in self.slices.state() {
+            if let Some(svc) = owner(&s) {
+                idx.entry(svc).or_default().insert(key_of(&s.metadata));
+            }
+        }
+        *lock(&self.slice_index) = idx;
     }
 }
 

@@ -18,7 +18,7 @@ use crate::compile::{Compiler, NodeContext, Problem};
 use crate::health::{unix_now, HealthCheckServers};
 use crate::metrics::Metrics;
 use crate::objects::{ClusterObjects, ObjectKey};
-use crate::source::Source;
+use crate::source::{Changes, ServiceView, Source};
 use crate::sync::{SyncReport, Syncer};
 
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +40,8 @@ impl Default for SyncPolicy {
 #[derive(Debug, Default)]
 pub struct SyncStatus {
     pub syncs: AtomicU64,
+    /// Syncs that compiled only the services that changed.
+    pub partial_syncs: AtomicU64,
     pub failed_syncs: AtomicU64,
     /// Service-port changes published, summed over syncs.
     pub service_changes: AtomicU64,
@@ -75,11 +77,14 @@ impl SyncLoop {
         let mut compiler = Compiler::default();
         let mut last_success = None;
         let mut last_sync: Option<Instant> = None;
+        let mut last_full: Option<Instant> = None;
         let mut triggers: HashMap<ObjectKey, String> = HashMap::new();
+        let mut health_ports: BTreeMap<String, u16> = BTreeMap::new();
         loop {
+            let next_full = last_full.map_or(Duration::ZERO, |t| self.policy.full_every.saturating_sub(t.elapsed()));
             tokio::select! {
                 _ = self.changed.notified() => {}
-                _ = tokio::time::sleep(self.policy.full_every) => {}
+                _ = tokio::time::sleep(next_full) => {}
             }
             if let Some(t) = last_sync {
                 let since = t.elapsed();
@@ -91,43 +96,50 @@ impl SyncLoop {
                 continue;
             }
             let started = Instant::now();
-            let outcome = match self.source.snapshot() {
-                Ok(objs) => {
-                    let desired = compiler.compile(&objs, &self.ctx);
-                    let health_ports = desired.health_check_node_ports.clone();
-                    let SyncReport {
-                        added,
-                        updated,
-                        removed,
-                        problems,
-                        published,
-                    } = self.syncer.apply(desired);
-                    self.record(&objs, &mut triggers, started, added + updated + removed, problems.len());
+            // Always take the changes (this resets them); a due periodic
+            // reconcile turns any sync into a full one.
+            let changes = self.source.take_changes();
+            let full_due = last_full.is_none_or(|t| t.elapsed() >= self.policy.full_every);
+            let result = match changes {
+                Changes::Services(views) if !full_due => {
+                    Ok(self.sync_services(&mut compiler, views, &mut triggers, &mut health_ports, started))
+                }
+                _ => match self.source.snapshot() {
+                    Ok(objs) => {
+                        last_full = Some(Instant::now());
+                        Ok(self.sync_full(&mut compiler, &objs, &mut triggers, &mut health_ports, started))
+                    }
+                    Err(reason) => Err(reason),
+                },
+            };
+            let outcome = match result {
+                Ok((report, kind)) => {
                     if let Some(hc) = self.health_checks.as_mut() {
                         let want = health_check_wants(&health_ports, self.syncer.live());
                         for e in hc.update(want).await {
                             tracing::warn!(error = %e, "healthCheckNodePort not served");
                         }
                     }
-                    for p in &problems {
+                    for p in &report.problems {
                         tracing::warn!(object = %p.object, reason = %p.reason, "skipped");
                     }
-                    let changes = added + updated + removed;
+                    let changes = report.changes();
                     self.status.service_changes.fetch_add(changes as u64, Ordering::Relaxed);
                     last_success = Some(Instant::now());
                     tracing::info!(
                         source = self.source.name(),
-                        added,
-                        updated,
-                        removed,
-                        ?published,
+                        kind,
+                        added = report.added,
+                        updated = report.updated,
+                        removed = report.removed,
+                        published = ?report.published,
                         "synced"
                     );
                     SyncOutcome {
                         at: started,
                         duration: started.elapsed(),
-                        result: Ok((changes, published)),
-                        problems,
+                        result: Ok((changes, report.published)),
+                        problems: report.problems,
                         last_success,
                     }
                 }
@@ -150,25 +162,22 @@ impl SyncLoop {
             last_sync = Some(Instant::now());
         }
     }
-}
 
-impl SyncLoop {
-    /// Metrics of one successful sync.
-    fn record(
-        &self,
+    /// Compiles the whole view (cached per service) and diffs everything.
+    fn sync_full(
+        &mut self,
+        compiler: &mut Compiler,
         objs: &ClusterObjects,
         triggers: &mut HashMap<ObjectKey, String>,
+        health_ports: &mut BTreeMap<String, u16>,
         started: Instant,
-        changes: usize,
-        problems: usize,
-    ) {
+    ) -> (SyncReport, &'static str) {
+        let desired = compiler.compile(objs, &self.ctx);
+        *health_ports = desired.health_check_node_ports.clone();
+        let report = self.syncer.apply(desired);
         let m = &self.metrics;
-        m.sync_duration.observe(started.elapsed().as_secs_f64());
-        m.last_sync_timestamp.set(unix_now(Instant::now()));
-        m.service_changes.inc_by(changes as u64);
-        m.skipped_objects.set(problems as i64);
+        m.skipped_objects.set(report.problems.len() as i64);
         let live = self.syncer.live();
-        m.service_ports.set(live.len() as i64);
         let no_local = |f: &dyn Fn(&dataplane::tables::ServiceSpec) -> bool| {
             live.values().filter(|s| f(s) && local_usable(s) == 0).count() as i64
         };
@@ -179,25 +188,79 @@ impl SyncLoop {
         m.no_local_endpoints
             .get_or_create(&labels("external"))
             .set(no_local(&|s| s.external_local));
-        // Network programming latency: from each new endpoint-change trigger
-        // time (set by the EndpointSlice controller) to now, tables live.
-        let now = jiff::Timestamp::now();
-        for (key, slice) in &objs.endpoint_slices {
-            let Some(t) = slice.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else {
-                continue;
-            };
-            if triggers.get(key) == Some(t) {
-                continue;
-            }
-            triggers.insert(key.clone(), t.clone());
-            if let Ok(at) = t.parse::<jiff::Timestamp>() {
-                let secs = now.duration_since(at).as_secs_f64();
-                if secs >= 0.0 {
-                    m.network_programming_duration.observe(secs);
+        record_triggers(m, triggers, objs.endpoint_slices.iter());
+        triggers.retain(|k, _| objs.endpoint_slices.contains_key(k));
+        self.record_common(started, report.changes());
+        (report, "full")
+    }
+
+    /// Compiles and applies only the services that changed.
+    fn sync_services(
+        &mut self,
+        compiler: &mut Compiler,
+        views: Vec<ServiceView>,
+        triggers: &mut HashMap<ObjectKey, String>,
+        health_ports: &mut BTreeMap<String, u16>,
+        started: Instant,
+    ) -> (SyncReport, &'static str) {
+        let mut problems = Vec::new();
+        let mut updates = Vec::with_capacity(views.len());
+        for view in &views {
+            let out = compiler.compile_one(view, &self.ctx);
+            let prefix = format!("{}:", view.key);
+            health_ports.retain(|name, _| !name.starts_with(&prefix));
+            if let Some(h) = out.health_check {
+                for p in &out.ports {
+                    health_ports.insert(p.name.clone(), h);
                 }
             }
+            problems.extend(out.problems);
+            updates.push((view.key.clone(), out.ports));
         }
-        triggers.retain(|k, _| objs.endpoint_slices.contains_key(k));
+        let mut report = self.syncer.apply_services(updates);
+        problems.append(&mut report.problems);
+        report.problems = problems;
+        record_triggers(
+            &self.metrics,
+            triggers,
+            views.iter().flat_map(|v| v.slices.iter().map(|(k, s)| (k, s))),
+        );
+        self.record_common(started, report.changes());
+        self.status.partial_syncs.fetch_add(1, Ordering::Relaxed);
+        (report, "partial")
+    }
+
+    fn record_common(&self, started: Instant, changes: usize) {
+        let m = &self.metrics;
+        m.sync_duration.observe(started.elapsed().as_secs_f64());
+        m.last_sync_timestamp.set(unix_now(Instant::now()));
+        m.service_changes.inc_by(changes as u64);
+        m.service_ports.set(self.syncer.live().len() as i64);
+    }
+}
+
+/// Network programming latency: from each new endpoint-change trigger time
+/// (set by the EndpointSlice controller) to now, tables live.
+fn record_triggers<'a>(
+    m: &Metrics,
+    triggers: &mut HashMap<ObjectKey, String>,
+    slices: impl Iterator<Item = (&'a ObjectKey, &'a k8s_openapi::api::discovery::v1::EndpointSlice)>,
+) {
+    let now = jiff::Timestamp::now();
+    for (key, slice) in slices {
+        let Some(t) = slice.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME)) else {
+            continue;
+        };
+        if triggers.get(key) == Some(t) {
+            continue;
+        }
+        triggers.insert(key.clone(), t.clone());
+        if let Ok(at) = t.parse::<jiff::Timestamp>() {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs >= 0.0 {
+                m.network_programming_duration.observe(secs);
+            }
+        }
     }
 }
 

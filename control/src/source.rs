@@ -8,8 +8,29 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
 use crate::manifests::{self, ManifestError};
-use crate::objects::ClusterObjects;
+use crate::objects::{ClusterObjects, ObjectKey};
+
+/// One service and the EndpointSlices that belong to it: all a service's
+/// compilation reads. `service: None` means it was deleted.
+#[derive(Clone, Debug)]
+pub struct ServiceView {
+    pub key: ObjectKey,
+    pub service: Option<Service>,
+    pub slices: Vec<(ObjectKey, EndpointSlice)>,
+}
+
+/// What changed since the last `take_changes`.
+#[derive(Debug)]
+pub enum Changes {
+    /// Unknown or wide change (first sync, relist, nodes, manifests): compile everything.
+    Full,
+    /// Only these services (or their slices) changed.
+    Services(Vec<ServiceView>),
+}
 
 pub trait Source: Send + Sync + 'static {
     /// The current view, or why there is none usable right now (in which
@@ -23,6 +44,10 @@ pub trait Source: Send + Sync + 'static {
     /// Errors talking to the source so far (each followed by a retry).
     fn errors(&self) -> u64 {
         0
+    }
+    /// What changed since the last call. Sources that cannot tell say `Full`.
+    fn take_changes(&self) -> Changes {
+        Changes::Full
     }
 }
 

@@ -102,6 +102,54 @@ impl Syncer {
     }
 }
 
+impl Syncer {
+    /// Incremental sync: replaces the ports of the given services (key ->
+    /// its compiled ports; empty when deleted) and publishes once. Cost is
+    /// proportional to the services given, not to all live ones.
+    pub fn apply_services(&mut self, updates: Vec<(crate::objects::ObjectKey, Vec<Arc<ServiceSpec>>)>) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut draft = self.publisher.draft();
+        for (key, ports) in updates {
+            let prefix = format!("{key}:");
+            let old: Vec<String> = self
+                .live
+                .range(prefix.clone()..)
+                .take_while(|(name, _)| name.starts_with(&prefix))
+                .map(|(name, _)| name.clone())
+                .filter(|name| !ports.iter().any(|p| &p.name == name))
+                .collect();
+            for name in old {
+                if let Some(spec) = self.live.remove(&name) {
+                    draft.remove_service(spec.id);
+                    report.removed += 1;
+                }
+            }
+            for spec in ports {
+                let existed = match self.live.get(&spec.name) {
+                    Some(old) if Arc::ptr_eq(old, &spec) || **old == *spec => continue,
+                    Some(_) => true,
+                    None => false,
+                };
+                match draft.upsert_service(&spec) {
+                    Ok(()) => {
+                        if existed {
+                            report.updated += 1;
+                        } else {
+                            report.added += 1;
+                        }
+                        self.live.insert(spec.name.clone(), spec);
+                    }
+                    Err(e) => report.problems.push(refused(&spec.name, e)),
+                }
+            }
+        }
+        if report.changes() > 0 {
+            report.published = Some(self.publisher.publish(draft));
+        }
+        report
+    }
+}
+
 /// Pod routes to other nodes, and this node's addresses (where NodePorts
 /// answer, the first being the VXLAN endpoint and SNAT source).
 fn apply_nodes(draft: &mut dataplane::Tables, old: &NodeFacts, new: &NodeFacts) {

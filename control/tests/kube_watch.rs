@@ -118,8 +118,14 @@ async fn create_update_delete_reach_the_tables() {
     h.server
         .apply(Res::EndpointSlices, slice("shop", "web", &["10.244.1.2", "10.244.1.3"]));
     wait_until("second endpoint", || endpoints(&h.reader, [10, 96, 0, 10]) == Some(2)).await;
+    h.server.delete(Res::EndpointSlices, "shop", "web-1");
+    wait_until("slice removed", || endpoints(&h.reader, [10, 96, 0, 10]) == Some(0)).await;
     h.server.delete(Res::Services, "shop", "web");
     wait_until("service removed", || endpoints(&h.reader, [10, 96, 0, 10]).is_none()).await;
+    assert!(
+        h.status.partial_syncs.load(Ordering::Relaxed) > 0,
+        "changes after the first sync are incremental"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,6 +232,10 @@ async fn a_burst_of_1000_changes_yields_few_exact_syncs() {
     wait_until("all 1000 services", || h.reader.load().service_count() == 1001).await;
     let syncs = h.status.syncs.load(Ordering::Relaxed) - before;
     assert!(syncs <= 15, "{syncs} syncs for one burst");
+    assert!(
+        h.status.partial_syncs.load(Ordering::Relaxed) > 0,
+        "the burst was applied incrementally"
+    );
     let t = h.reader.load();
     for i in 0..1000u32 {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i);

@@ -67,28 +67,10 @@ impl Syncer {
             .cloned()
             .collect();
         for name in removed {
-            if let Some(old) = self.live.remove(&name) {
-                draft.remove_service(old.id);
-                report.removed += 1;
-            }
+            self.remove(&mut draft, &name, &mut report);
         }
-        for (name, spec) in desired.services {
-            let existed = match self.live.get(&name) {
-                Some(old) if Arc::ptr_eq(old, &spec) || **old == *spec => continue,
-                Some(_) => true,
-                None => false,
-            };
-            match draft.upsert_service(&spec) {
-                Ok(()) => {
-                    if existed {
-                        report.updated += 1;
-                    } else {
-                        report.added += 1;
-                    }
-                    self.live.insert(name, spec);
-                }
-                Err(e) => report.problems.push(refused(&name, e)),
-            }
+        for spec in desired.services.into_values() {
+            self.upsert(&mut draft, spec, &mut report);
         }
         let nodes_changed = desired.nodes != self.live_nodes;
         if nodes_changed {
@@ -119,34 +101,46 @@ impl Syncer {
                 .filter(|name| !ports.iter().any(|p| &p.name == name))
                 .collect();
             for name in old {
-                if let Some(spec) = self.live.remove(&name) {
-                    draft.remove_service(spec.id);
-                    report.removed += 1;
-                }
+                self.remove(&mut draft, &name, &mut report);
             }
             for spec in ports {
-                let existed = match self.live.get(&spec.name) {
-                    Some(old) if Arc::ptr_eq(old, &spec) || **old == *spec => continue,
-                    Some(_) => true,
-                    None => false,
-                };
-                match draft.upsert_service(&spec) {
-                    Ok(()) => {
-                        if existed {
-                            report.updated += 1;
-                        } else {
-                            report.added += 1;
-                        }
-                        self.live.insert(spec.name.clone(), spec);
-                    }
-                    Err(e) => report.problems.push(refused(&spec.name, e)),
-                }
+                self.upsert(&mut draft, spec, &mut report);
             }
         }
         if report.changes() > 0 {
             report.published = Some(self.publisher.publish(draft));
         }
         report
+    }
+}
+
+impl Syncer {
+    fn remove(&mut self, draft: &mut dataplane::Tables, name: &str, report: &mut SyncReport) {
+        if let Some(old) = self.live.remove(name) {
+            draft.remove_service(old.id);
+            report.removed += 1;
+        }
+    }
+
+    /// Adds or updates one service port unless it is unchanged; a port the
+    /// tables refuse (it clashes with a live one) becomes a problem.
+    fn upsert(&mut self, draft: &mut dataplane::Tables, spec: Arc<ServiceSpec>, report: &mut SyncReport) {
+        let existed = match self.live.get(&spec.name) {
+            Some(old) if Arc::ptr_eq(old, &spec) || **old == *spec => return,
+            Some(_) => true,
+            None => false,
+        };
+        match draft.upsert_service(&spec) {
+            Ok(()) => {
+                if existed {
+                    report.updated += 1;
+                } else {
+                    report.added += 1;
+                }
+                self.live.insert(spec.name.clone(), spec);
+            }
+            Err(e) => report.problems.push(refused(&spec.name, e)),
+        }
     }
 }
 

@@ -3,10 +3,10 @@
 # Safe to run again; skips apt when everything is present.
 set -euo pipefail
 
-# Packet engine and tests: the Rust toolchain (cargo, rustfmt, clippy) only.
-# iproute2 / iperf3 / ethtool / clang / libbpf join this list with the
-# AF_XDP runtime and the lab.
-PACKAGES=(pkg-config)
+# Engine and control tests need only the Rust toolchain; the namespace lab
+# needs iproute2 (ip, bridge), ethtool and ping.
+# iperf3, clang and libbpf join this list with the AF_XDP runtime.
+PACKAGES=(pkg-config iproute2 ethtool iputils-ping)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,0 +1,307 @@
+//! The lab: a small cluster built from network namespaces on one machine.
+//!
+//! ```text
+//!   client (192.168.77.100) ─┐
+//!                            ├─ bridge br0 in the "underlay" namespace
+//!   node n1 eth0 .1 ─────────┤
+//!   node n2 eth0 .2 ─────────┘
+//!   node nN: pods 10.77.N.2, 10.77.N.3, ... each a /32 on a veth whose
+//!            node side (vpN_I) holds the gateway 10.77.N.1/32, Calico-style
+//!            (every pod packet goes through the node); a Flannel-style
+//!            kernel VXLAN device (VNI 1, UDP 8472, VTEP 10.77.N.0) carries
+//!            pod traffic between nodes.
+//! ```
+//!
+//! Every name carries a per-run prefix, nothing is created in the caller's
+//! namespace, and `Drop` deletes every namespace the lab made (which deletes
+//! their links too), also on panic. Pod veths have tx checksum offload off,
+//! as CNIs do for userspace dataplanes (see DESIGN.md section 4).
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("cannot run `{cmd}`: {source}; install iproute2 and ethtool (deploy/setup.sh does)")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("`{cmd}` failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+    #[error("the lab needs root (network namespaces, veths, VXLAN): run as root")]
+    NotRoot,
+}
+
+/// Runs a command, returning stdout or an error that names it.
+pub fn run(args: &[&str]) -> Result<String, LabError> {
+    let cmd = args.join(" ");
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|source| LabError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LabError::Failed {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// One namespace of the lab.
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Host {
+    /// Runs a command inside this host's namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<String, LabError> {
+        let mut full = vec!["ip", "netns", "exec", &self.ns];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+}
+
+pub struct Node {
+    pub host: Host,
+    /// 1-based node number (pod CIDR 10.77.N.0/24).
+    pub index: u8,
+    pub pods: Vec<Host>,
+}
+
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    pub underlay: String,
+    pub client: Host,
+    pub nodes: Vec<Node>,
+}
+
+pub const VXLAN_VNI: u32 = 1;
+pub const VXLAN_PORT: u16 = 8472;
+
+pub fn node_ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 77, n)
+}
+
+pub fn pod_ip(n: u8, i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, n, 2 + i)
+}
+
+pub fn vtep_mac(n: u8) -> String {
+    format!("0e:77:00:00:00:{n:02x}")
+}
+
+impl Lab {
+    /// Builds `nodes` nodes with `pods_per_node` pods each, routed by the
+    /// kernel (VXLAN between nodes): the baseline kxp replaces.
+    pub fn build(nodes: u8, pods_per_node: u8) -> Result<Lab, LabError> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Lab::build_named(&format!("kxp{}x{n}", std::process::id()), nodes, pods_per_node)
+    }
+
+    /// Same, with an explicit name prefix for every namespace.
+    pub fn build_named(prefix: &str, nodes: u8, pods_per_node: u8) -> Result<Lab, LabError> {
+        if !is_root() {
+            return Err(LabError::NotRoot);
+        }
+        let prefix = prefix.to_string();
+        let mut lab = Lab {
+            underlay: format!("{prefix}-ul"),
+            client: Host {
+                ns: format!("{prefix}-client"),
+                ip: Ipv4Addr::new(192, 168, 77, 100),
+            },
+            nodes: Vec::new(),
+            namespaces: Vec::new(),
+            prefix,
+        };
+        // From here on, Drop cleans up whatever was made, even on error.
+        lab.make_ns(&lab.underlay.clone())?;
+        run(&["ip", "-n", &lab.underlay, "link", "add", "br0", "type", "bridge"])?;
+        run(&["ip", "-n", &lab.underlay, "link", "set", "br0", "up"])?;
+        let client = lab.client.clone();
+        lab.make_ns(&client.ns)?;
+        lab.attach(&client, "c")?;
+        for n in 1..=nodes {
+            let host = Host {
+                ns: format!("{}-n{n}", lab.prefix),
+                ip: node_ip(n),
+            };
+            lab.make_ns(&host.ns)?;
+            lab.attach(&host, &format!("n{n}"))?;
+            host.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            let mut pods = Vec::new();
+            for i in 0..pods_per_node {
+                let pod = Host {
+                    ns: format!("{}-n{n}p{i}", lab.prefix),
+                    ip: pod_ip(n, i),
+                };
+                lab.make_ns(&pod.ns)?;
+                let node_side = format!("vp{n}_{i}");
+                run(&[
+                    "ip", "-n", &host.ns, "link", "add", &node_side, "type", "veth", "peer", "name", "eth0", "netns",
+                    &pod.ns,
+                ])?;
+                let gw = format!("10.77.{n}.1");
+                host.exec(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &node_side])?;
+                host.exec(&["ip", "link", "set", &node_side, "up"])?;
+                host.exec(&["ip", "route", "add", &format!("{}/32", pod.ip), "dev", &node_side])?;
+                pod.exec(&["ip", "addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
+                pod.exec(&["ip", "link", "set", "eth0", "up"])?;
+                pod.exec(&["ip", "route", "add", &format!("{gw}/32"), "dev", "eth0"])?;
+                pod.exec(&["ip", "route", "replace", "default", "via", &gw, "dev", "eth0"])?;
+                // Complete checksums on frames that leave the pod (see module docs).
+                pod.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+                host.exec(&["ethtool", "-K", &node_side, "tx", "off"])?;
+                pods.push(pod);
+            }
+            lab.nodes.push(Node { host, index: n, pods });
+        }
+        lab.kernel_overlay()?;
+        Ok(lab)
+    }
+
+    fn make_ns(&mut self, ns: &str) -> Result<(), LabError> {
+        run(&["ip", "netns", "add", ns])?;
+        self.namespaces.push(ns.to_string());
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// A veth from `host` (eth0) to the underlay bridge.
+    fn attach(&self, host: &Host, tag: &str) -> Result<(), LabError> {
+        let br_side = format!("u-{tag}");
+        run(&[
+            "ip",
+            "-n",
+            &self.underlay,
+            "link",
+            "add",
+            &br_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &host.ns,
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &self.underlay,
+            "link",
+            "set",
+            &br_side,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        host.exec(&["ip", "addr", "add", &format!("{}/24", host.ip), "dev", "eth0"])?;
+        host.exec(&["ip", "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// Flannel-style VXLAN between every pair of nodes, kernel only.
+    fn kernel_overlay(&self) -> Result<(), LabError> {
+        for node in &self.nodes {
+            let h = &node.host;
+            h.exec(&[
+                "ip",
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                &VXLAN_VNI.to_string(),
+                "dstport",
+                &VXLAN_PORT.to_string(),
+                "local",
+                &h.ip.to_string(),
+                "dev",
+                "eth0",
+                "nolearning",
+            ])?;
+            h.exec(&["ip", "link", "set", "flannel.1", "address", &vtep_mac(node.index), "up"])?;
+            h.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.77.{}.0/32", node.index),
+                "dev",
+                "flannel.1",
+            ])?;
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
+                let vtep = format!("10.77.{}.0", other.index);
+                h.exec(&[
+                    "ip",
+                    "route",
+                    "add",
+                    &format!("10.77.{}.0/24", other.index),
+                    "via",
+                    &vtep,
+                    "dev",
+                    "flannel.1",
+                    "onlink",
+                ])?;
+                h.exec(&[
+                    "ip",
+                    "neigh",
+                    "add",
+                    &vtep,
+                    "lladdr",
+                    &vtep_mac(other.index),
+                    "dev",
+                    "flannel.1",
+                    "nud",
+                    "permanent",
+                ])?;
+                h.exec(&[
+                    "bridge",
+                    "fdb",
+                    "append",
+                    &vtep_mac(other.index),
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    &other.host.ip.to_string(),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Namespaces this lab created (for tests that check cleanup).
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+    }
+}

@@ -5,8 +5,9 @@ set -euo pipefail
 
 # Engine and control tests need only the Rust toolchain; the namespace lab
 # needs iproute2 (ip, bridge), ethtool and ping.
-# iperf3, clang and libbpf join this list with the AF_XDP runtime.
-PACKAGES=(pkg-config iproute2 ethtool iputils-ping)
+# The XDP program is compiled by clang at build time against libbpf headers.
+# iperf3 joins this list with the AF_XDP workers.
+PACKAGES=(pkg-config iproute2 ethtool iputils-ping clang libbpf-dev linux-libc-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -28,6 +28,8 @@ pub enum LabError {
     Failed { cmd: String, stderr: String },
     #[error("the lab needs root (network namespaces, veths, VXLAN): run as root")]
     NotRoot,
+    #[error("cannot enter network namespace {ns}: {reason}")]
+    Enter { ns: String, reason: String },
 }
 
 /// Runs a command, returning stdout or an error that names it.
@@ -58,6 +60,25 @@ pub fn is_root() -> bool {
                 .map(|l| l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+/// Runs `f` on a new thread inside network namespace `ns` (setns changes
+/// only the calling thread), for work that needs the namespace's interfaces
+/// in-process, such as attaching XDP programs.
+pub fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T, LabError> {
+    let enter = |reason: String| LabError::Enter {
+        ns: ns.to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| enter(e.to_string()))?;
+    let handle = std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        Ok::<T, String>(f())
+    });
+    handle
+        .join()
+        .map_err(|_| enter("the thread panicked".into()))?
+        .map_err(enter)
 }
 
 /// One namespace of the lab.

@@ -162,6 +162,11 @@ impl Tables {
             .find_map(|&len| self.pod_routes.get(&Cidr::of(ip, len)).copied())
     }
 
+    /// Other nodes' pod CIDRs.
+    pub fn pod_routes(&self) -> impl Iterator<Item = (Cidr, RemoteNode)> + '_ {
+        self.pod_routes.iter().map(|(c, r)| (*c, *r))
+    }
+
     pub fn neighbor(&self, ip: Ipv4Addr) -> Option<Mac> {
         self.neighbors.get(&ip).copied()
     }

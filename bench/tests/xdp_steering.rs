@@ -1,0 +1,83 @@
+//! Root-only: kxp's XDP steering program on a lab node's uplink. It must
+//! attach in native mode through a BPF link, leave the node's own traffic
+//! alone, pick out service traffic, and disappear when dropped.
+
+use std::net::Ipv4Addr;
+
+use bench::lab::{self, node_ip, Lab};
+use dataplane::addr::{BackendAddr, Endpoint, Mac, Proto, SvcId};
+use dataplane::tables::{EndpointInfo, NodeConfig, ServiceSpec, Tables};
+use runtime::Steering;
+
+fn root_or_skip() -> bool {
+    if lab::is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run the lab tests as root");
+    eprintln!("skipping: the lab needs root");
+    false
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn tables() -> Tables {
+    let mut t = Tables::new(NodeConfig::single_uplink(
+        "n1",
+        node_ip(1),
+        "192.168.77.0/24".parse().unwrap(),
+        Mac([2; 6]),
+    ));
+    let mut s = ServiceSpec::cluster_ip(SvcId(1), "lab/web:udp", VIP, 9999, Proto::Udp);
+    s.endpoints.push(EndpointInfo {
+        addr: BackendAddr(Endpoint::new(lab::pod_ip(1, 0), 9999)),
+        ready: true,
+        serving: true,
+        terminating: false,
+        local: true,
+    });
+    t.upsert_service(&s).unwrap();
+    t
+}
+
+fn xdp_attached(node: &lab::Host) -> bool {
+    node.exec(&["ip", "link", "show", "eth0"]).unwrap().contains("xdp")
+}
+
+#[test]
+fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::build(1, 1).expect("lab builds");
+    let node = lab.nodes[0].host.clone();
+    let mut steering = lab::in_namespace(&node.ns, || {
+        let mut s = Steering::load()?;
+        s.attach("eth0")?;
+        s.sync_from(&tables())?;
+        Ok::<_, runtime::SteeringError>(s)
+    })
+    .unwrap()
+    .expect("steering attaches");
+    assert!(xdp_attached(&node), "program attached to eth0");
+
+    // The node's own traffic (ICMP to its address) goes to the kernel.
+    lab.client
+        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", &node_ip(1).to_string()])
+        .expect("ping through XDP");
+    let before = steering.stats().unwrap();
+    assert!(before.passed >= 3 && before.redirected == 0, "{before:?}");
+
+    // Service traffic is picked out (and, with no AF_XDP socket bound yet,
+    // falls back to the kernel).
+    lab.client
+        .exec(&["ip", "route", "add", "10.96.0.0/16", "via", &node_ip(1).to_string()])
+        .unwrap();
+    for _ in 0..5 {
+        let _ = lab.client.exec(&["bash", "-c", "echo x > /dev/udp/10.96.0.10/9999"]);
+    }
+    let after = steering.stats().unwrap();
+    assert!(after.redirected >= 5, "{after:?}");
+
+    drop(steering);
+    assert!(!xdp_attached(&node), "dropping the program detaches it");
+}

@@ -1,0 +1,210 @@
+// SPDX-License-Identifier: (GPL-2.0 OR BSD-2-Clause)
+// kxp's XDP program: steer to AF_XDP only the packets kxp handles, pass
+// everything else to the kernel untouched (XDP_PASS is also the fallback
+// when no socket is bound to the receive queue).
+//
+// kxp's packets: destinations in the service frontend set (ClusterIP, LB,
+// externalIP : port / proto); NodePorts on node addresses; VXLAN to this
+// node; replies to NATed flows (to the SNAT address's port range, or from a
+// backend endpoint); ICMP errors to frontend or SNAT addresses; pod traffic
+// to another node's pod CIDR. Maps are filled from kxp's published tables.
+//
+// Written without CO-RE or vmlinux.h: the kernels kxp targets may not
+// expose BTF.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define MAX_QUEUES 64
+
+struct l4_key {
+	__u32 ip;   /* network order */
+	__u16 port; /* network order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct lpm_key {
+	__u32 prefixlen;
+	__u32 ip; /* network order */
+};
+
+struct config {
+	__u32 snat_ip;       /* network order; 0 = none */
+	__u16 snat_port_lo;  /* host order */
+	__u16 snat_port_hi;
+	__u16 node_port_lo;
+	__u16 node_port_hi;
+	__u16 vxlan_port;    /* host order; 0 = no overlay */
+	__u16 pad;
+};
+
+enum stat { STAT_SEEN, STAT_REDIRECTED, STAT_PASSED, STAT_MAX };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, MAX_QUEUES);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+/* Service frontends and backend endpoints, by address, port, protocol. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct l4_key);
+	__type(value, __u8);
+} frontends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct l4_key);
+	__type(value, __u8);
+} backends SEC(".maps");
+
+/* Frontend addresses alone (ICMP errors about service flows). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 18);
+	__type(key, __u32);
+	__type(value, __u8);
+} frontend_ips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u8);
+} node_ips SEC(".maps");
+
+/* NodePorts by (port, proto): key.ip is 0. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct l4_key);
+	__type(value, __u8);
+} node_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1 << 14);
+	__type(key, struct lpm_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} remote_pods SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} settings SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &which);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int in_range(__u16 port_be, __u16 lo, __u16 hi)
+{
+	__u16 p = bpf_ntohs(port_be);
+	return lo && p >= lo && p <= hi;
+}
+
+static __always_inline int kxps(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u32 zero = 0;
+
+	if ((void *)(eth + 1) > end)
+		return 0;
+	__u16 proto = eth->h_proto;
+	void *l3 = eth + 1;
+	if (proto == bpf_htons(ETH_P_8021Q)) {
+		if (l3 + 4 > end)
+			return 0;
+		proto = *(__u16 *)(l3 + 2);
+		l3 += 4;
+	}
+	if (proto != bpf_htons(ETH_P_IP))
+		return 0;
+	struct iphdr *ip = l3;
+	if ((void *)(ip + 1) > end || ip->ihl < 5)
+		return 0;
+	/* Fragments: the kernel reassembles; kxp does not mangle them. */
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return 0;
+	struct config *cfg = bpf_map_lookup_elem(&settings, &zero);
+	if (!cfg)
+		return 0;
+	__u32 dst = ip->daddr;
+	__u8 l4proto = ip->protocol;
+	void *l4 = (void *)ip + ip->ihl * 4;
+
+	if (l4proto == IPPROTO_TCP || l4proto == IPPROTO_UDP) {
+		if (l4 + 4 > end)
+			return 0;
+		__u16 sport = *(__u16 *)l4;
+		__u16 dport = *(__u16 *)(l4 + 2);
+		struct l4_key k = { .ip = dst, .port = dport, .proto = l4proto };
+		if (bpf_map_lookup_elem(&frontends, &k))
+			return 1;
+		if (bpf_map_lookup_elem(&node_ips, &dst)) {
+			if (l4proto == IPPROTO_UDP && cfg->vxlan_port && bpf_ntohs(dport) == cfg->vxlan_port)
+				return 1;
+			if (in_range(dport, cfg->node_port_lo, cfg->node_port_hi)) {
+				struct l4_key np = { .ip = 0, .port = dport, .proto = l4proto };
+				if (bpf_map_lookup_elem(&node_ports, &np))
+					return 1;
+			}
+		}
+		if (cfg->snat_ip && dst == cfg->snat_ip && in_range(dport, cfg->snat_port_lo, cfg->snat_port_hi))
+			return 1;
+		struct l4_key b = { .ip = ip->saddr, .port = sport, .proto = l4proto };
+		if (bpf_map_lookup_elem(&backends, &b))
+			return 1;
+	} else if (l4proto == IPPROTO_ICMP) {
+		/* Only errors (unreachable, time exceeded, parameter problem) quote
+		 * a flow kxp may have NATed; pings to the node stay the kernel's. */
+		if (l4 + 1 > end)
+			return 0;
+		__u8 type = *(__u8 *)l4;
+		if ((type == 3 || type == 11 || type == 12) &&
+		    (bpf_map_lookup_elem(&frontend_ips, &dst) || (cfg->snat_ip && dst == cfg->snat_ip)))
+			return 1;
+	}
+	struct lpm_key pk = { .prefixlen = 32, .ip = dst };
+	if (bpf_map_lookup_elem(&remote_pods, &pk))
+		return 1;
+	return 0;
+}
+
+SEC("xdp")
+int kxp_steer(struct xdp_md *ctx)
+{
+	count(STAT_SEEN);
+	if (!kxps(ctx)) {
+		count(STAT_PASSED);
+		return XDP_PASS;
+	}
+	count(STAT_REDIRECTED);
+	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::health::{self, BindError, HealthCheckServers};
 use crate::kube_source::KubeSource;
 use crate::metrics::Metrics;
-use crate::runner::{SyncLoop, SyncPolicy, SyncStatus};
+use crate::runner::{PublishHook, SyncLoop, SyncPolicy, SyncStatus};
 use crate::source::{ManifestSource, Source};
 use crate::sync::Syncer;
 
@@ -50,9 +50,37 @@ pub fn node_config(cfg: &Config) -> NodeConfig {
     n
 }
 
-pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, BindError> {
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Steering(#[from] runtime::SteeringError),
+}
+
+pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonError> {
     let healthz = health::listen(cfg.healthz_bind_address, "/healthz", "healthzBindAddress").await?;
     let metrics_l = health::listen(cfg.metrics_bind_address, "/metrics", "metricsBindAddress").await?;
+    // The XDP steering program on every configured interface, its maps
+    // following each publish.
+    let mut steering = Vec::new();
+    for iface in &cfg.interfaces {
+        let mut s = runtime::Steering::load()?;
+        s.attach(iface)?;
+        tracing::info!(%iface, "XDP steering program attached");
+        steering.push(s);
+    }
+    let on_publish: Option<PublishHook> = if steering.is_empty() {
+        None
+    } else {
+        Some(Box::new(move |t: &Tables| {
+            for s in &mut steering {
+                if let Err(e) = s.sync_from(t) {
+                    tracing::error!(iface = ?s.interface(), error = %e, "cannot update the XDP maps");
+                }
+            }
+        }))
+    };
     let healthz_addr = healthz.local_addr().unwrap_or(cfg.healthz_bind_address);
     let metrics_addr = metrics_l.local_addr().unwrap_or(cfg.metrics_bind_address);
     let changed = Arc::new(Notify::new());
@@ -81,6 +109,7 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, BindError
         status: status.clone(),
         metrics: metrics.clone(),
         health_checks: Some(HealthCheckServers::default()),
+        on_publish,
     };
     tokio::spawn(sync.run());
     changed.notify_one(); // first sync as soon as the source is ready

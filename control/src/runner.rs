@@ -59,6 +59,9 @@ pub struct SyncOutcome {
     pub last_success: Option<Instant>,
 }
 
+/// Runs after each publish with the new tables.
+pub type PublishHook = Box<dyn FnMut(&dataplane::Tables) + Send>;
+
 pub struct SyncLoop {
     pub source: Arc<dyn Source>,
     pub syncer: Syncer,
@@ -69,6 +72,9 @@ pub struct SyncLoop {
     pub metrics: Arc<Metrics>,
     /// healthCheckNodePort servers; `None` in tests that do not want ports.
     pub health_checks: Option<HealthCheckServers>,
+    /// Called with the new tables after every publish (e.g. to refill the
+    /// XDP program's maps).
+    pub on_publish: Option<PublishHook>,
 }
 
 impl SyncLoop {
@@ -114,6 +120,9 @@ impl SyncLoop {
             };
             let outcome = match result {
                 Ok((report, kind)) => {
+                    if let (Some(hook), Some(_)) = (self.on_publish.as_mut(), report.published) {
+                        hook(&self.syncer.publisher().reader().load());
+                    }
                     if let Some(hc) = self.health_checks.as_mut() {
                         let want = health_check_wants(&health_ports, self.syncer.live());
                         for e in hc.update(want).await {

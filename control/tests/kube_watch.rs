@@ -69,6 +69,7 @@ async fn start(policy: SyncPolicy) -> Harness {
         status: status.clone(),
         metrics: Arc::new(control::metrics::Metrics::new()),
         health_checks: None,
+        on_publish: None,
     };
     tokio::spawn(sync.run());
     Harness {

@@ -1,4 +1,6 @@
-//! The lab: a small cluster built from network namespaces on one machine.
+//! The lab: a small cluster built from network namespaces on one machine,
+//! shared by the runtime and control tests, the benchmarks and (next) the
+//! lab demo.
 //!
 //! ```text
 //!   client (192.168.77.100) ─┐

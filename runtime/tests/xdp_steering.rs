@@ -4,9 +4,9 @@
 
 use std::net::Ipv4Addr;
 
-use bench::lab::{self, node_ip, Lab};
 use dataplane::addr::{BackendAddr, Endpoint, Mac, Proto, SvcId};
 use dataplane::tables::{EndpointInfo, NodeConfig, ServiceSpec, Tables};
+use lab::{node_ip, Lab};
 use runtime::Steering;
 
 fn root_or_skip() -> bool {

@@ -3,7 +3,7 @@
 //! Under CI=true (CI runs as root) this test must run; elsewhere, without
 //! root, it says so and returns.
 
-use bench::lab::{self, node_ip, pod_ip, Lab};
+use lab::{node_ip, pod_ip, Lab};
 
 fn root_or_skip() -> bool {
     if lab::is_root() {

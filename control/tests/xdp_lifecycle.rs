@@ -1,0 +1,105 @@
+//! Root-only: `kxp run` attaches the XDP steering program to a lab node's
+//! uplink, the node's own traffic keeps flowing, and `kill -9` leaves
+//! nothing behind (the program hangs off a BPF link owned by the process).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lab::{node_ip, Lab};
+
+fn root_or_skip() -> bool {
+    if lab::is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run the lab tests as root");
+    eprintln!("skipping: the lab needs root");
+    false
+}
+
+fn xdp_attached(node: &lab::Host) -> bool {
+    node.exec(&["ip", "link", "show", "eth0"])
+        .map(|s| s.contains("xdp"))
+        .unwrap_or(false)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills the child on drop so a failed assertion leaves no kxp running.
+struct Kxp(Child);
+
+impl Drop for Kxp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 192.168.77.1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: lab}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+"#;
+
+#[test]
+fn kill_9_leaves_no_xdp_program_and_node_traffic_flows_throughout() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::build(1, 1).expect("lab builds");
+    let node = lab.nodes[0].host.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::write(manifests.join("cluster.yaml"), MANIFESTS).unwrap();
+    let cfg = dir.path().join("kxp.yaml");
+    std::fs::write(
+        &cfg,
+        "kind: KubeProxyConfiguration\nhealthzBindAddress: 127.0.0.1:0\nmetricsBindAddress: 127.0.0.1:0\nkxp: {interfaces: [eth0]}\n",
+    )
+    .unwrap();
+    let mut kxp = Kxp(Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.ns,
+            env!("CARGO_BIN_EXE_kxp"),
+            "run",
+            "--node-name",
+            "n1",
+            "--manifests",
+        ])
+        .arg(&manifests)
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kxp starts"));
+    wait_for("XDP attached by kxp", || xdp_attached(&node));
+    lab.client
+        .exec(&["ping", "-c", "2", "-W", "2", &node_ip(1).to_string()])
+        .expect("node reachable with kxp running");
+
+    // SIGKILL: no chance to clean up; the kernel drops the link with the process.
+    kxp.0.kill().unwrap();
+    kxp.0.wait().unwrap();
+    wait_for("XDP gone after kill -9", || !xdp_attached(&node));
+    lab.client
+        .exec(&["ping", "-c", "2", "-W", "2", &node_ip(1).to_string()])
+        .expect("node reachable after kxp died");
+}

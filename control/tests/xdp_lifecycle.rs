@@ -55,24 +55,16 @@ metadata: {name: web, namespace: lab}
 spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
 "#;
 
-#[test]
-fn kill_9_leaves_no_xdp_program_and_node_traffic_flows_throughout() {
-    if !root_or_skip() {
-        return;
-    }
-    let lab = Lab::build(1, 1).expect("lab builds");
-    let node = lab.nodes[0].host.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir(&manifests).unwrap();
+/// Starts `kxp run` inside the node's namespace with the steering program
+/// on its uplink; returns once the program is attached.
+fn start_kxp(node: &lab::Host, dir: &std::path::Path) -> Kxp {
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
     std::fs::write(manifests.join("cluster.yaml"), MANIFESTS).unwrap();
-    let cfg = dir.path().join("kxp.yaml");
-    std::fs::write(
-        &cfg,
-        "kind: KubeProxyConfiguration\nhealthzBindAddress: 127.0.0.1:0\nmetricsBindAddress: 127.0.0.1:0\nkxp: {interfaces: [eth0]}\n",
-    )
-    .unwrap();
-    let mut kxp = Kxp(Command::new("ip")
+    let cfg = dir.join("kxp.yaml");
+    let config = "kind: KubeProxyConfiguration\nhealthzBindAddress: 127.0.0.1:0\nmetricsBindAddress: 127.0.0.1:0\nkxp: {interfaces: [eth0]}\n";
+    std::fs::write(&cfg, config).unwrap();
+    let kxp = Kxp(Command::new("ip")
         .args([
             "netns",
             "exec",
@@ -90,16 +82,43 @@ fn kill_9_leaves_no_xdp_program_and_node_traffic_flows_throughout() {
         .stderr(Stdio::null())
         .spawn()
         .expect("kxp starts"));
-    wait_for("XDP attached by kxp", || xdp_attached(&node));
+    wait_for("XDP attached by kxp", || xdp_attached(node));
+    kxp
+}
+
+fn ping_node(lab: &Lab) -> Result<String, lab::LabError> {
     lab.client
         .exec(&["ping", "-c", "2", "-W", "2", &node_ip(1).to_string()])
-        .expect("node reachable with kxp running");
+}
 
+#[test]
+fn kill_9_leaves_no_xdp_program_and_node_traffic_flows_throughout() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::build(1, 1).expect("lab builds");
+    let node = lab.nodes[0].host.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let mut kxp = start_kxp(&node, dir.path());
+    ping_node(&lab).expect("node reachable with kxp running");
     // SIGKILL: no chance to clean up; the kernel drops the link with the process.
     kxp.0.kill().unwrap();
     kxp.0.wait().unwrap();
     wait_for("XDP gone after kill -9", || !xdp_attached(&node));
-    lab.client
-        .exec(&["ping", "-c", "2", "-W", "2", &node_ip(1).to_string()])
-        .expect("node reachable after kxp died");
+    ping_node(&lab).expect("node reachable after kxp died");
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_detaches() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::build(1, 1).expect("lab builds");
+    let node = lab.nodes[0].host.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let mut kxp = start_kxp(&node, dir.path());
+    lab::run(&["kill", "-TERM", &kxp.0.id().to_string()]).unwrap();
+    let status = kxp.0.wait().unwrap();
+    assert!(status.success(), "kxp exits 0 on SIGTERM: {status}");
+    assert!(!xdp_attached(&node), "XDP detached on SIGTERM");
 }

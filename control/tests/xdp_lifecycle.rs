@@ -7,21 +7,6 @@ use std::time::{Duration, Instant};
 
 use lab::{node_ip, Lab};
 
-fn root_or_skip() -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must run the lab tests as root");
-    eprintln!("skipping: the lab needs root");
-    false
-}
-
-fn xdp_attached(node: &lab::Host) -> bool {
-    node.exec(&["ip", "link", "show", "eth0"])
-        .map(|s| s.contains("xdp"))
-        .unwrap_or(false)
-}
-
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -82,7 +67,7 @@ fn start_kxp(node: &lab::Host, dir: &std::path::Path) -> Kxp {
         .stderr(Stdio::null())
         .spawn()
         .expect("kxp starts"));
-    wait_for("XDP attached by kxp", || xdp_attached(node));
+    wait_for("XDP attached by kxp", || node.xdp_attached());
     kxp
 }
 
@@ -93,7 +78,7 @@ fn ping_node(lab: &Lab) -> Result<String, lab::LabError> {
 
 #[test]
 fn kill_9_leaves_no_xdp_program_and_node_traffic_flows_throughout() {
-    if !root_or_skip() {
+    if !lab::root_or_skip() {
         return;
     }
     let lab = Lab::build(1, 1).expect("lab builds");
@@ -104,13 +89,13 @@ fn kill_9_leaves_no_xdp_program_and_node_traffic_flows_throughout() {
     // SIGKILL: no chance to clean up; the kernel drops the link with the process.
     kxp.0.kill().unwrap();
     kxp.0.wait().unwrap();
-    wait_for("XDP gone after kill -9", || !xdp_attached(&node));
+    wait_for("XDP gone after kill -9", || !node.xdp_attached());
     ping_node(&lab).expect("node reachable after kxp died");
 }
 
 #[test]
 fn sigterm_exits_cleanly_and_detaches() {
-    if !root_or_skip() {
+    if !lab::root_or_skip() {
         return;
     }
     let lab = Lab::build(1, 1).expect("lab builds");
@@ -120,5 +105,5 @@ fn sigterm_exits_cleanly_and_detaches() {
     lab::run(&["kill", "-TERM", &kxp.0.id().to_string()]).unwrap();
     let status = kxp.0.wait().unwrap();
     assert!(status.success(), "kxp exits 0 on SIGTERM: {status}");
-    assert!(!xdp_attached(&node), "XDP detached on SIGTERM");
+    assert!(!node.xdp_attached(), "XDP detached on SIGTERM");
 }

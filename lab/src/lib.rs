@@ -64,6 +64,18 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// For root-only tests: true when running as root. Otherwise the test must
+/// return early — except under CI=true, where CI runs as root and a skip
+/// would hide a failure, so this panics instead.
+pub fn root_or_skip() -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must run the lab tests as root");
+    eprintln!("skipping: the lab needs root");
+    false
+}
+
 /// Runs `f` on a new thread inside network namespace `ns` (setns changes
 /// only the calling thread), for work that needs the namespace's interfaces
 /// in-process, such as attaching XDP programs.
@@ -91,6 +103,13 @@ pub struct Host {
 }
 
 impl Host {
+    /// Whether an XDP program is attached to this host's `eth0`.
+    pub fn xdp_attached(&self) -> bool {
+        self.exec(&["ip", "link", "show", "eth0"])
+            .map(|s| s.contains("xdp"))
+            .unwrap_or(false)
+    }
+
     /// Runs a command inside this host's namespace.
     pub fn exec(&self, args: &[&str]) -> Result<String, LabError> {
         let mut full = vec!["ip", "netns", "exec", &self.ns];

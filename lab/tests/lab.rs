@@ -5,22 +5,13 @@
 
 use lab::{node_ip, pod_ip, Lab};
 
-fn root_or_skip() -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must run the lab tests as root");
-    eprintln!("skipping: the lab needs root");
-    false
-}
-
 fn ping(host: &lab::Host, to: std::net::Ipv4Addr) -> Result<String, lab::LabError> {
     host.exec(&["ping", "-c", "1", "-W", "2", &to.to_string()])
 }
 
 #[test]
 fn the_lab_builds_routes_and_cleans_up() {
-    if !root_or_skip() {
+    if !lab::root_or_skip() {
         return;
     }
     let names;
@@ -44,7 +35,7 @@ fn the_lab_builds_routes_and_cleans_up() {
 
 #[test]
 fn a_failed_build_cleans_up_too() {
-    if !root_or_skip() {
+    if !lab::root_or_skip() {
         return;
     }
     // A second lab with the same names fails at once and must leave the

@@ -9,15 +9,6 @@ use dataplane::tables::{EndpointInfo, NodeConfig, ServiceSpec, Tables};
 use lab::{node_ip, Lab};
 use runtime::Steering;
 
-fn root_or_skip() -> bool {
-    if lab::is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must run the lab tests as root");
-    eprintln!("skipping: the lab needs root");
-    false
-}
-
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 fn tables() -> Tables {
@@ -39,13 +30,9 @@ fn tables() -> Tables {
     t
 }
 
-fn xdp_attached(node: &lab::Host) -> bool {
-    node.exec(&["ip", "link", "show", "eth0"]).unwrap().contains("xdp")
-}
-
 #[test]
 fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
-    if !root_or_skip() {
+    if !lab::root_or_skip() {
         return;
     }
     let lab = Lab::build(1, 1).expect("lab builds");
@@ -58,7 +45,7 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     })
     .unwrap()
     .expect("steering attaches");
-    assert!(xdp_attached(&node), "program attached to eth0");
+    assert!(node.xdp_attached(), "program attached to eth0");
 
     // The node's own traffic (ICMP to its address) goes to the kernel.
     lab.client
@@ -79,5 +66,5 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     assert!(after.redirected >= 5, "{after:?}");
 
     drop(steering);
-    assert!(!xdp_attached(&node), "dropping the program detaches it");
+    assert!(!node.xdp_attached(), "dropping the program detaches it");
 }

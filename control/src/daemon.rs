@@ -66,7 +66,9 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
     let mut steering = Vec::new();
     for iface in &cfg.interfaces {
         let mut s = runtime::Steering::load()?;
-        s.attach(iface)?;
+        // Which interfaces face pods comes with the AF_XDP workers (issue
+        // #4); until then every configured interface is the uplink.
+        s.attach(iface, dataplane::tables::PortRole::Uplink)?;
         tracing::info!(%iface, "XDP steering program attached");
         steering.push(s);
     }

@@ -105,6 +105,15 @@ struct {
 	__type(value, struct config);
 } settings SEC(".maps");
 
+/* Interfaces that face local pods, by ifindex: only traffic entering from
+ * a pod is routed over the overlay by kxp. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} pod_ifaces SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
@@ -189,8 +198,9 @@ static __always_inline int kxps(struct xdp_md *ctx)
 		    (bpf_map_lookup_elem(&frontend_ips, &dst) || (cfg->snat_ip && dst == cfg->snat_ip)))
 			return 1;
 	}
+	__u32 ifindex = ctx->ingress_ifindex;
 	struct lpm_key pk = { .prefixlen = 32, .ip = dst };
-	if (bpf_map_lookup_elem(&remote_pods, &pk))
+	if (bpf_map_lookup_elem(&pod_ifaces, &ifindex) && bpf_map_lookup_elem(&remote_pods, &pk))
 		return 1;
 	return 0;
 }

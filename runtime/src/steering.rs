@@ -8,7 +8,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, Pod};
 use dataplane::addr::{Frontend, Proto};
-use dataplane::tables::Tables;
+use dataplane::tables::{PortRole, Tables};
 
 /// The compiled program (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
@@ -23,6 +23,8 @@ pub enum SteeringError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("interface {iface} not found in this network namespace: {reason}")]
+    Interface { iface: String, reason: String },
     #[error("the XDP program has no map or program named {0}: the object and this build disagree")]
     Missing(&'static str),
     #[error("cannot update XDP map {map}: {source}")]
@@ -97,8 +99,21 @@ impl Steering {
     }
 
     /// Attaches in native (driver) mode through a BPF link: the program goes
-    /// away with this process, however it ends.
-    pub fn attach(&mut self, iface: &str) -> Result<(), SteeringError> {
+    /// away with this process, however it ends. `role` says whether the
+    /// interface faces local pods (their traffic to other nodes' pods is
+    /// kxp's) or the underlay.
+    pub fn attach(&mut self, iface: &str, role: PortRole) -> Result<(), SteeringError> {
+        if role == PortRole::Pod {
+            let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| SteeringError::Interface {
+                iface: iface.to_string(),
+                reason: e.to_string(),
+            })?;
+            let mut pods: HashMap<&mut MapData, u32, u8> = self.map("pod_ifaces")?;
+            pods.insert(ifindex, 1, 0).map_err(|source| SteeringError::Map {
+                map: "pod_ifaces",
+                source,
+            })?;
+        }
         let prog: &mut Xdp = self
             .ebpf
             .program_mut("kxp_steer")

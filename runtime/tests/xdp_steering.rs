@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use dataplane::addr::{BackendAddr, Endpoint, Mac, Proto, SvcId};
-use dataplane::tables::{EndpointInfo, NodeConfig, ServiceSpec, Tables};
+use dataplane::tables::{EndpointInfo, NodeConfig, PortRole, RemoteNode, ServiceSpec, Tables};
 use lab::{node_ip, Lab};
 use runtime::Steering;
 
@@ -27,6 +27,13 @@ fn tables() -> Tables {
         local: true,
     });
     t.upsert_service(&s).unwrap();
+    t.set_pod_route(
+        "10.77.9.0/24".parse().unwrap(),
+        RemoteNode {
+            node_ip: node_ip(9),
+            vtep_mac: Mac([0x0e; 6]),
+        },
+    );
     t
 }
 
@@ -39,7 +46,7 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     let node = lab.nodes[0].host.clone();
     let mut steering = lab::in_namespace(&node.ns, || {
         let mut s = Steering::load()?;
-        s.attach("eth0")?;
+        s.attach("eth0", PortRole::Uplink)?;
         s.sync_from(&tables())?;
         Ok::<_, runtime::SteeringError>(s)
     })
@@ -64,6 +71,34 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     }
     let after = steering.stats().unwrap();
     assert!(after.redirected >= 5, "{after:?}");
+
+    // Traffic for another node's pods is kxp's only when it comes from a
+    // pod interface; from the uplink it stays the kernel's.
+    lab.client
+        .exec(&["ip", "route", "add", "10.77.9.0/24", "via", &node_ip(1).to_string()])
+        .unwrap();
+    for _ in 0..3 {
+        let _ = lab.client.exec(&["bash", "-c", "echo x > /dev/udp/10.77.9.5/9999"]);
+    }
+    let later = steering.stats().unwrap();
+    assert_eq!(later.redirected, after.redirected, "{later:?}");
+    assert!(later.passed >= after.passed + 3, "{later:?}");
+
+    // On a pod-facing interface the same destination is kxp's.
+    let mut pod_side = lab::in_namespace(&node.ns, || {
+        let mut s = Steering::load()?;
+        s.attach("vp1_0", PortRole::Pod)?;
+        s.sync_from(&tables())?;
+        Ok::<_, runtime::SteeringError>(s)
+    })
+    .unwrap()
+    .expect("steering attaches to the pod veth");
+    for _ in 0..3 {
+        let _ = lab.nodes[0].pods[0].exec(&["bash", "-c", "echo x > /dev/udp/10.77.9.5/9999"]);
+    }
+    let from_pod = pod_side.stats().unwrap();
+    assert!(from_pod.redirected >= 3, "{from_pod:?}");
+    drop(pod_side);
 
     drop(steering);
     assert!(!node.xdp_attached(), "dropping the program detaches it");

@@ -1,7 +1,7 @@
 //! Service NAT: conntrack lookups, new flows (backend choice, SNAT), and the
 //! rewrite itself.
 
-use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
+use super::{DropReason, Frame, Pkt, Verdict, Worker};
 use crate::addr::{BackendAddr, Endpoint, Proto};
 use crate::flow::conntrack::{Entry, InsertError};
 use crate::flow::tcp::{self, CtState, FIN_FORWARD, FIN_REPLY};
@@ -165,11 +165,8 @@ impl Worker {
         };
         // Hairpin: a pod sent to its own service and got itself.
         let snat = masquerade || backend.ip == pkt.ip.src;
-        let (nat_ip, lo, hi) = if snat {
-            (node.snat_ip, node.snat_ports.0, node.snat_ports.1)
-        } else {
-            (pkt.ip.src, node.snat_ports.0, node.snat_ports.1)
-        };
+        let nat_ip = if snat { node.snat_ip } else { pkt.ip.src };
+        let (lo, hi) = node.snat_ports;
         let span = u32::from(hi.saturating_sub(lo)) + 1;
         let start = (hash >> 16) as u32 % span;
         let first = if !snat || (lo..=hi).contains(&l4.src_port) {
@@ -247,13 +244,5 @@ fn backend_still_valid(t: &Tables, e: &Entry) -> bool {
     match svc.endpoint(BackendAddr(e.rep.src())) {
         None => false,
         Some(ep) => e.fwd.proto == Proto::Tcp || ep.ready || ep.serving,
-    }
-}
-
-impl Origin {
-    /// Generated answers (reject, reset) go back out of the ingress port with
-    /// the MACs swapped, except for overlay traffic, which is routed.
-    pub(super) fn answers_in_place(self) -> bool {
-        self != Origin::Overlay
     }
 }

@@ -3,7 +3,7 @@
 //! Both are rate limited per worker, like the kernel's `icmp_ratelimit`.
 
 use super::egress::answer_l2;
-use super::{DropReason, Frame, Pkt, Verdict, Worker};
+use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
 use crate::addr::Proto;
 use crate::tables::Tables;
 use crate::time::Time;
@@ -138,7 +138,7 @@ impl Worker {
     /// Sends a generated answer: back out of the ingress port with MACs
     /// swapped, or routed when the question came over the overlay.
     fn answer(&mut self, t: &Tables, frame: &mut Frame, pkt: Pkt) -> Result<Verdict, DropReason> {
-        if pkt.origin.answers_in_place() {
+        if pkt.origin != Origin::Overlay {
             answer_l2(frame, &pkt, t)?;
             Ok(Verdict::Tx(pkt.ingress))
         } else {

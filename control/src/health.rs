@@ -66,13 +66,7 @@ pub fn serve_healthz(
 }
 
 async fn healthz(State(h): State<HealthState>) -> impl IntoResponse {
-    let last = h
-        .status
-        .last
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .and_then(|o| o.last_success);
+    let last = *h.status.last_success.lock().unwrap_or_else(|e| e.into_inner());
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

@@ -10,7 +10,7 @@
 //! exponential backoff (counted in `KubeStatus`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
@@ -34,8 +34,6 @@ pub fn proxy_label_selector() -> String {
 pub struct KubeStatus {
     /// Watch errors seen (each one is followed by a backoff and a retry).
     pub errors: AtomicU64,
-    /// Set while the last event from every watcher was not an error.
-    pub connected: AtomicBool,
 }
 
 pub struct KubeSource {
@@ -164,12 +162,10 @@ where
                 Ok(ev) => {
                     // The reflector has already applied the event to the store.
                     on_event(&ev);
-                    status.connected.store(true, Ordering::Relaxed);
                     changed.notify_one();
                 }
                 Err(e) => {
                     status.errors.fetch_add(1, Ordering::Relaxed);
-                    status.connected.store(false, Ordering::Relaxed);
                     tracing::warn!(kind = K::kind(&Default::default()).as_ref(), error = %e, "watch failed; keeping last tables, retrying with backoff");
                 }
             }

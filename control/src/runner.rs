@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::compile::{Compiler, NodeContext, Problem};
+use crate::compile::{Compiler, NodeContext};
 use crate::health::{unix_now, HealthCheckServers};
 use crate::metrics::Metrics;
 use crate::objects::{ClusterObjects, ObjectKey};
@@ -45,18 +45,8 @@ pub struct SyncStatus {
     pub failed_syncs: AtomicU64,
     /// Service-port changes published, summed over syncs.
     pub service_changes: AtomicU64,
-    pub last: Mutex<Option<SyncOutcome>>,
-}
-
-#[derive(Clone, Debug)]
-pub struct SyncOutcome {
-    pub at: Instant,
-    pub duration: Duration,
-    /// `Err` when the source had no usable view (tables kept).
-    pub result: Result<(usize, Option<u64>), String>,
-    pub problems: Vec<Problem>,
-    /// When the last sync that succeeded finished.
-    pub last_success: Option<Instant>,
+    /// When the last sync that succeeded finished (for `/healthz`).
+    pub last_success: Mutex<Option<Instant>>,
 }
 
 /// Runs after each publish with the new tables.
@@ -81,7 +71,6 @@ impl SyncLoop {
     /// Runs forever (until the task is dropped).
     pub async fn run(mut self) {
         let mut compiler = Compiler::default();
-        let mut last_success = None;
         let mut last_sync: Option<Instant> = None;
         let mut last_full: Option<Instant> = None;
         let mut triggers: HashMap<ObjectKey, String> = HashMap::new();
@@ -118,13 +107,17 @@ impl SyncLoop {
                     Err(reason) => Err(reason),
                 },
             };
-            let outcome = match result {
+            match result {
                 Ok((report, kind)) => {
                     if let (Some(hook), Some(_)) = (self.on_publish.as_mut(), report.published) {
                         hook(&self.syncer.publisher().reader().load());
                     }
                     if let Some(hc) = self.health_checks.as_mut() {
-                        let want = health_check_wants(&health_ports, self.syncer.live());
+                        let want = health_check_wants(
+                            &health_ports,
+                            self.syncer.live(),
+                            &self.syncer.publisher().reader().load(),
+                        );
                         for e in hc.update(want).await {
                             tracing::warn!(error = %e, "healthCheckNodePort not served");
                         }
@@ -132,9 +125,10 @@ impl SyncLoop {
                     for p in &report.problems {
                         tracing::warn!(object = %p.object, reason = %p.reason, "skipped");
                     }
-                    let changes = report.changes();
-                    self.status.service_changes.fetch_add(changes as u64, Ordering::Relaxed);
-                    last_success = Some(Instant::now());
+                    self.status
+                        .service_changes
+                        .fetch_add(report.changes() as u64, Ordering::Relaxed);
+                    *self.status.last_success.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                     tracing::info!(
                         source = self.source.name(),
                         kind,
@@ -144,30 +138,15 @@ impl SyncLoop {
                         published = ?report.published,
                         "synced"
                     );
-                    SyncOutcome {
-                        at: started,
-                        duration: started.elapsed(),
-                        result: Ok((changes, report.published)),
-                        problems: report.problems,
-                        last_success,
-                    }
                 }
                 Err(reason) => {
                     self.status.failed_syncs.fetch_add(1, Ordering::Relaxed);
                     self.metrics.sync_failures.inc();
                     tracing::warn!(source = self.source.name(), %reason, "source unusable; keeping the live tables");
-                    SyncOutcome {
-                        at: started,
-                        duration: started.elapsed(),
-                        result: Err(reason),
-                        problems: vec![],
-                        last_success,
-                    }
                 }
-            };
+            }
             self.metrics.api_watch_errors.set(self.source.errors() as i64);
             self.status.syncs.fetch_add(1, Ordering::Relaxed);
-            *self.status.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
             last_sync = Some(Instant::now());
         }
     }
@@ -187,8 +166,9 @@ impl SyncLoop {
         let m = &self.metrics;
         m.skipped_objects.set(report.problems.len() as i64);
         let live = self.syncer.live();
+        let tables = self.syncer.publisher().reader().load();
         let no_local = |f: &dyn Fn(&dataplane::tables::ServiceSpec) -> bool| {
-            live.values().filter(|s| f(s) && local_usable(s) == 0).count() as i64
+            live.values().filter(|s| f(s) && local_usable(&tables, s) == 0).count() as i64
         };
         let labels = |p: &str| vec![("traffic_policy".to_string(), p.to_string())];
         m.no_local_endpoints
@@ -276,30 +256,23 @@ fn record_triggers<'a>(
 /// Annotation the EndpointSlice controller sets to when the change began.
 pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// Local endpoints a Local-policy service can use: ready ones, else the
-/// serving-and-terminating ones (the same rule as the dataplane's).
-pub fn local_usable(s: &dataplane::tables::ServiceSpec) -> usize {
-    let ready = s.endpoints.iter().filter(|e| e.local && e.ready).count();
-    if ready > 0 {
-        ready
-    } else {
-        s.endpoints
-            .iter()
-            .filter(|e| e.local && e.serving && e.terminating)
-            .count()
-    }
+/// Usable local endpoints of a live service port, by the dataplane's own
+/// rule (ready ones, else serving-and-terminating ones).
+fn local_usable(t: &dataplane::Tables, s: &dataplane::tables::ServiceSpec) -> usize {
+    t.service(s.id).map_or(0, |svc| svc.local_usable())
 }
 
 fn health_check_wants(
     ports: &BTreeMap<String, u16>,
     live: &BTreeMap<String, Arc<dataplane::tables::ServiceSpec>>,
+    tables: &dataplane::Tables,
 ) -> BTreeMap<u16, (String, usize)> {
     let mut want: BTreeMap<u16, (String, usize)> = BTreeMap::new();
     for (name, port) in ports {
         let Some(spec) = live.get(name) else { continue };
         // Several ports of one service share its healthCheckNodePort.
         let e = want.entry(*port).or_insert_with(|| (name.clone(), 0));
-        e.1 = e.1.max(local_usable(spec));
+        e.1 = e.1.max(local_usable(tables, spec));
     }
     want
 }

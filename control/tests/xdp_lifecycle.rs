@@ -76,15 +76,21 @@ fn ping_node(lab: &Lab) -> Result<String, lab::LabError> {
         .exec(&["ping", "-c", "2", "-W", "2", &node_ip(1).to_string()])
 }
 
+/// A one-node lab with kxp running on the node; the temp dir holds its files.
+fn lab_with_kxp() -> (Lab, lab::Host, tempfile::TempDir, Kxp) {
+    let lab = Lab::build(1, 1).expect("lab builds");
+    let node = lab.nodes[0].host.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let kxp = start_kxp(&node, dir.path());
+    (lab, node, dir, kxp)
+}
+
 #[test]
 fn kill_9_leaves_no_xdp_program_and_node_traffic_flows_throughout() {
     if !lab::root_or_skip() {
         return;
     }
-    let lab = Lab::build(1, 1).expect("lab builds");
-    let node = lab.nodes[0].host.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let mut kxp = start_kxp(&node, dir.path());
+    let (lab, node, _dir, mut kxp) = lab_with_kxp();
     ping_node(&lab).expect("node reachable with kxp running");
     // SIGKILL: no chance to clean up; the kernel drops the link with the process.
     kxp.0.kill().unwrap();
@@ -98,10 +104,7 @@ fn sigterm_exits_cleanly_and_detaches() {
     if !lab::root_or_skip() {
         return;
     }
-    let lab = Lab::build(1, 1).expect("lab builds");
-    let node = lab.nodes[0].host.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let mut kxp = start_kxp(&node, dir.path());
+    let (_lab, node, _dir, mut kxp) = lab_with_kxp();
     lab::run(&["kill", "-TERM", &kxp.0.id().to_string()]).unwrap();
     let status = kxp.0.wait().unwrap();
     assert!(status.success(), "kxp exits 0 on SIGTERM: {status}");

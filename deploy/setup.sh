@@ -6,8 +6,9 @@ set -euo pipefail
 # Engine and control tests need only the Rust toolchain; the namespace lab
 # needs iproute2 (ip, bridge), ethtool and ping.
 # The XDP program is compiled by clang at build time against libbpf headers.
-# iperf3 joins this list with the AF_XDP workers.
-PACKAGES=(pkg-config iproute2 ethtool iputils-ping clang libbpf-dev linux-libc-dev)
+# xsk-rs builds its vendored libxdp/libbpf (llvm, libelf, zlib, m4); the lab
+# demo drives traffic with iperf3.
+PACKAGES=(pkg-config iproute2 ethtool iputils-ping iperf3 clang llvm libelf-dev zlib1g-dev m4 libbpf-dev linux-libc-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -52,7 +52,13 @@ pub struct FileConntrack {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FileKxp {
+    /// The uplink (exactly one today); empty: no datapath, control only.
     pub interfaces: Option<Vec<String>>,
+    /// Node-side interfaces of local pods' veths.
+    pub pod_interfaces: Option<Vec<String>>,
+    /// The local VXLAN device whose MAC is this node's VTEP MAC (Flannel's
+    /// `flannel.1` by default), for interop with kernel VXLAN peers.
+    pub vxlan_device: Option<String>,
     pub queues: Option<u32>,
     pub worker_cores: Option<Vec<usize>>,
     pub vxlan_vni: Option<u32>,
@@ -78,6 +84,8 @@ pub struct Config {
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
     pub interfaces: Vec<String>,
+    pub pod_interfaces: Vec<String>,
+    pub vxlan_device: String,
     pub queues: u32,
     pub worker_cores: Vec<usize>,
     pub vxlan_vni: u32,
@@ -168,6 +176,8 @@ impl Config {
             healthz_bind_address: bind("healthzBindAddress", f.healthz_bind_address, "0.0.0.0:10256")?,
             metrics_bind_address: bind("metricsBindAddress", f.metrics_bind_address, "127.0.0.1:10249")?,
             interfaces: kxp.interfaces.unwrap_or_default(),
+            pod_interfaces: kxp.pod_interfaces.unwrap_or_default(),
+            vxlan_device: kxp.vxlan_device.unwrap_or_else(|| "flannel.1".into()),
             queues: kxp.queues.unwrap_or(1),
             worker_cores: kxp.worker_cores.unwrap_or_default(),
             vxlan_vni: kxp.vxlan_vni.unwrap_or(1),

@@ -1,14 +1,19 @@
-//! `kxp run`: wires a source, the sync loop, the health and metrics servers
-//! together. The AF_XDP workers (issue #4) will read the same `Reader`.
+//! `kxp run`: wires a source, the sync loop, the datapath (steering program,
+//! AF_XDP workers, kernel facts), and the health and metrics servers
+//! together. The workers read the tables the sync loop publishes.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dataplane::addr::Mac;
-use dataplane::tables::{NodeConfig, Tables};
+use dataplane::flow::FlowState;
+use dataplane::tables::{NodeConfig, PortRole, Tables};
 use dataplane::{Publisher, Reader};
+use runtime::host::{self, PortSpec};
+use runtime::xsk::RingSizes;
+use runtime::{Datapath, DatapathConfig};
 use tokio::sync::Notify;
 
 use crate::compile::NodeContext;
@@ -16,7 +21,7 @@ use crate::config::Config;
 use crate::health::{self, BindError, HealthCheckServers};
 use crate::kube_source::KubeSource;
 use crate::metrics::Metrics;
-use crate::runner::{PublishHook, SyncLoop, SyncPolicy, SyncStatus};
+use crate::runner::{HostObserver, PublishHook, SyncLoop, SyncPolicy, SyncStatus};
 use crate::source::{ManifestSource, Source};
 use crate::sync::Syncer;
 
@@ -55,34 +60,75 @@ pub enum DaemonError {
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error(transparent)]
-    Steering(#[from] runtime::SteeringError),
+    Datapath(#[from] runtime::DatapathError),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The datapath's ports from `kxp.interfaces` (the uplink) and
+/// `kxp.podInterfaces`; `None` when no interface is configured (control
+/// only, e.g. `kxp run` to watch what would be programmed).
+pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
+    if cfg.interfaces.is_empty() {
+        return None;
+    }
+    let port = |name: &String, role| PortSpec {
+        name: name.clone(),
+        role,
+    };
+    let ports = (cfg.interfaces.iter().map(|n| port(n, PortRole::Uplink)))
+        .chain(cfg.pod_interfaces.iter().map(|n| port(n, PortRole::Pod)))
+        .collect();
+    Some(DatapathConfig {
+        ports,
+        queues: cfg.queues,
+        cores: cfg.worker_cores.clone(),
+        rings: RingSizes::default(),
+        batch: 64,
+        zero_copy: false,
+    })
+}
+
+/// Reads the kernel's facts each time it is called, and asks the kernel to
+/// resolve the next hops the tables need that it has not resolved yet.
+fn host_observer(ports: Vec<PortSpec>, vxlan_device: String) -> HostObserver {
+    Box::new(move |t: &Tables| {
+        let facts = match host::observe(&ports, &vxlan_device) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the kernel's interfaces and neighbours");
+                return None;
+            }
+        };
+        let uplink = &ports[usize::from(facts.uplink.0)].name;
+        let subnet = facts.uplink_subnet;
+        let next_hop = |ip: Ipv4Addr| match subnet {
+            Some(s) if s.contains(ip) => Some(ip),
+            _ => facts.gateway,
+        };
+        let mut wanted: Vec<Ipv4Addr> = t.pod_routes().filter_map(|(_, n)| next_hop(n.node_ip)).collect();
+        wanted.extend(facts.gateway);
+        wanted.sort();
+        wanted.dedup();
+        for ip in wanted.into_iter().filter(|ip| !facts.neighbors.contains_key(ip)) {
+            if let Err(e) = host::keep_resolved(ip, uplink) {
+                tracing::warn!(%ip, dev = %uplink, error = %e, "cannot ask the kernel to resolve a next hop");
+            }
+        }
+        for (ip, dev) in host::unresolved_pods(&ports).unwrap_or_default() {
+            if let Err(e) = host::keep_resolved(ip, &dev) {
+                tracing::warn!(%ip, %dev, error = %e, "cannot ask the kernel to resolve a pod");
+            }
+        }
+        Some(facts)
+    })
 }
 
 pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonError> {
     let healthz = health::listen(cfg.healthz_bind_address, "/healthz", "healthzBindAddress").await?;
     let metrics_l = health::listen(cfg.metrics_bind_address, "/metrics", "metricsBindAddress").await?;
-    // The XDP steering program on every configured interface, its maps
-    // following each publish.
-    let mut steering = Vec::new();
-    for iface in &cfg.interfaces {
-        let mut s = runtime::Steering::load()?;
-        // Which interfaces face pods comes with the AF_XDP workers (issue
-        // #4); until then every configured interface is the uplink.
-        s.attach(iface, dataplane::tables::PortRole::Uplink)?;
-        tracing::info!(%iface, "XDP steering program attached");
-        steering.push(s);
-    }
-    let on_publish: Option<PublishHook> = if steering.is_empty() {
-        None
-    } else {
-        Some(Box::new(move |t: &Tables| {
-            for s in &mut steering {
-                if let Err(e) = s.sync_from(t) {
-                    tracing::error!(iface = ?s.interface(), error = %e, "cannot update the XDP maps");
-                }
-            }
-        }))
-    };
     let healthz_addr = healthz.local_addr().unwrap_or(cfg.healthz_bind_address);
     let metrics_addr = metrics_l.local_addr().unwrap_or(cfg.metrics_bind_address);
     let changed = Arc::new(Notify::new());
@@ -92,8 +138,26 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
     };
     let publisher = Publisher::new(Tables::new(node_config(cfg)));
     let reader = publisher.reader();
-    let status = Arc::new(SyncStatus::default());
     let metrics = Arc::new(Metrics::new());
+    let (on_publish, host) = match datapath_config(cfg) {
+        Some(dp_cfg) => {
+            let flows = Arc::new(FlowState::new(cfg.conntrack));
+            let dp = Arc::new(Mutex::new(Datapath::start(&dp_cfg, reader.clone(), flows)?));
+            tracing::info!(ports = ?dp_cfg.ports, queues = dp_cfg.queues, "datapath running");
+            let reports = dp.clone();
+            metrics.set_worker_source(Box::new(move || lock(&reports).reports()));
+            let publish_dp = dp.clone();
+            let hook: PublishHook = Box::new(move |t: &Tables| {
+                if let Err(e) = lock(&publish_dp).on_publish(t) {
+                    tracing::error!(error = %e, "cannot update the XDP maps");
+                }
+            });
+            let observer = host_observer(dp_cfg.ports, cfg.vxlan_device.clone());
+            (Some(hook), Some(observer))
+        }
+        None => (None, None),
+    };
+    let status = Arc::new(SyncStatus::default());
     let policy = SyncPolicy {
         min_interval: cfg.min_sync_period,
         full_every: cfg.sync_period,
@@ -112,6 +176,7 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
         metrics: metrics.clone(),
         health_checks: Some(HealthCheckServers::default()),
         on_publish,
+        host,
     };
     tokio::spawn(sync.run());
     changed.notify_one(); // first sync as soon as the source is ready

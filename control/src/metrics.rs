@@ -2,6 +2,7 @@
 //! existing dashboards and alerts keep working.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -30,7 +31,17 @@ pub struct Metrics {
     pub service_ports: Gauge,
     /// kxp: errors from the Kubernetes API watches (each followed by a retry).
     pub api_watch_errors: Gauge,
+    /// kxp, per worker (queue): packets by direction, drops by reason,
+    /// RX->TX-submit latency quantiles, UMEM frames by place.
+    worker_packets: Family<Vec<(String, String)>, Gauge>,
+    worker_drops: Family<Vec<(String, String)>, Gauge>,
+    worker_latency: Family<Vec<(String, String)>, Gauge>,
+    worker_frames: Family<Vec<(String, String)>, Gauge>,
+    workers: Mutex<Option<WorkerSource>>,
 }
+
+/// Where the per-worker reports come from (the running datapath).
+pub type WorkerSource = Box<dyn Fn() -> Vec<runtime::worker::WorkerReport> + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -51,6 +62,11 @@ impl Metrics {
             skipped_objects: Gauge::default(),
             service_ports: Gauge::default(),
             api_watch_errors: Gauge::default(),
+            worker_packets: Family::default(),
+            worker_drops: Family::default(),
+            worker_latency: Family::default(),
+            worker_frames: Family::default(),
+            workers: Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register(
@@ -98,11 +114,84 @@ impl Metrics {
             "Errors from the Kubernetes API watches, each followed by a retry with backoff",
             m.api_watch_errors.clone(),
         );
+        registry.register(
+            "kxp_worker_packets",
+            "Packets per worker (queue) by direction: rx, tx, passed, dropped",
+            m.worker_packets.clone(),
+        );
+        registry.register(
+            "kxp_worker_drops",
+            "Packets dropped per worker by reason (engine reasons, tx_ring_full, kernel_return)",
+            m.worker_drops.clone(),
+        );
+        registry.register(
+            "kxp_worker_latency_nanoseconds",
+            "Per-worker RX to TX-submit latency quantiles, per packet (measured per batch)",
+            m.worker_latency.clone(),
+        );
+        registry.register(
+            "kxp_worker_frames",
+            "UMEM frames per worker by place: free, fill (lent for RX), tx (in flight), total",
+            m.worker_frames.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    pub fn set_worker_source(&self, source: WorkerSource) {
+        *self.workers.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    fn refresh_workers(&self) {
+        let guard = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(source) = guard.as_ref() else {
+            return;
+        };
+        for r in source() {
+            let q = r.queue.to_string();
+            let l = |k: &str, v: &str| vec![("queue".to_string(), q.clone()), (k.to_string(), v.to_string())];
+            let st = &r.stats;
+            for (dir, n) in [
+                ("rx", st.rx_packets),
+                ("tx", st.tx_packets),
+                ("passed", st.passed),
+                ("dropped", st.total_drops()),
+            ] {
+                self.worker_packets.get_or_create(&l("direction", dir)).set(n as i64);
+            }
+            for &reason in dataplane::DropReason::ALL {
+                let n = st.drop_count(reason);
+                if n > 0 {
+                    self.worker_drops
+                        .get_or_create(&l("reason", reason.label()))
+                        .set(n as i64);
+                }
+            }
+            self.worker_drops
+                .get_or_create(&l("reason", "tx_ring_full"))
+                .set(r.runtime.tx_ring_full as i64);
+            self.worker_drops
+                .get_or_create(&l("reason", "kernel_return"))
+                .set(r.runtime.kernel_return_dropped as i64);
+            for (name, q) in [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99), ("0.999", 0.999), ("1", 1.0)] {
+                self.worker_latency
+                    .get_or_create(&l("quantile", name))
+                    .set(r.latency.value_at_quantile(q) as i64);
+            }
+            let f = r.frames;
+            for (place, n) in [
+                ("free", f.free),
+                ("fill", f.in_fill),
+                ("tx", f.in_tx),
+                ("total", f.total),
+            ] {
+                self.worker_frames.get_or_create(&l("place", place)).set(n as i64);
+            }
+        }
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.refresh_workers();
         let mut s = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut s, &self.registry);

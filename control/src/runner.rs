@@ -52,6 +52,14 @@ pub struct SyncStatus {
 /// Runs after each publish with the new tables.
 pub type PublishHook = Box<dyn FnMut(&dataplane::Tables) + Send>;
 
+/// Reads the kernel's facts for the tables (given the live tables, so it
+/// can ask the kernel to resolve the next hops they need); `None` when they
+/// cannot be read this time.
+pub type HostObserver = Box<dyn FnMut(&dataplane::Tables) -> Option<runtime::host::HostFacts> + Send>;
+
+/// How often the kernel's facts are re-read.
+const HOST_EVERY: Duration = Duration::from_secs(1);
+
 pub struct SyncLoop {
     pub source: Arc<dyn Source>,
     pub syncer: Syncer,
@@ -65,6 +73,9 @@ pub struct SyncLoop {
     /// Called with the new tables after every publish (e.g. to refill the
     /// XDP program's maps).
     pub on_publish: Option<PublishHook>,
+    /// The kernel's facts, re-read every `HOST_EVERY`; `None` without a
+    /// datapath.
+    pub host: Option<HostObserver>,
 }
 
 impl SyncLoop {
@@ -75,11 +86,17 @@ impl SyncLoop {
         let mut last_full: Option<Instant> = None;
         let mut triggers: HashMap<ObjectKey, String> = HashMap::new();
         let mut health_ports: BTreeMap<String, u16> = BTreeMap::new();
+        let mut host_tick = tokio::time::interval(HOST_EVERY);
+        host_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_full = last_full.map_or(Duration::ZERO, |t| self.policy.full_every.saturating_sub(t.elapsed()));
             tokio::select! {
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(next_full) => {}
+                _ = host_tick.tick(), if self.host.is_some() => {
+                    self.refresh_host();
+                    continue;
+                }
             }
             if let Some(t) = last_sync {
                 let since = t.elapsed();
@@ -148,6 +165,20 @@ impl SyncLoop {
             self.metrics.api_watch_errors.set(self.source.errors() as i64);
             self.status.syncs.fetch_add(1, Ordering::Relaxed);
             last_sync = Some(Instant::now());
+        }
+    }
+
+    fn refresh_host(&mut self) {
+        let Some(observe) = self.host.as_mut() else {
+            return;
+        };
+        let Some(facts) = observe(&self.syncer.publisher().reader().load()) else {
+            return;
+        };
+        if self.syncer.apply_host(facts).is_some() {
+            if let Some(hook) = self.on_publish.as_mut() {
+                hook(&self.syncer.publisher().reader().load());
+            }
         }
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use dataplane::tables::{ServiceSpec, TableError};
 use dataplane::Publisher;
+use runtime::host::HostFacts;
 
 use crate::compile::{Desired, NodeFacts, Problem};
 
@@ -35,6 +36,7 @@ pub struct Syncer {
     publisher: Publisher,
     live: BTreeMap<String, Arc<ServiceSpec>>,
     live_nodes: NodeFacts,
+    live_host: Option<HostFacts>,
 }
 
 impl Syncer {
@@ -43,6 +45,7 @@ impl Syncer {
             publisher,
             live: BTreeMap::new(),
             live_nodes: NodeFacts::default(),
+            live_host: None,
         }
     }
 
@@ -141,6 +144,59 @@ impl Syncer {
             }
             Err(e) => report.problems.push(refused(&spec.name, e)),
         }
+    }
+}
+
+impl Syncer {
+    /// The kernel's facts (ports, uplink subnet and gateway, local pods,
+    /// neighbours) into the tables; publishes only if they changed. Node
+    /// addresses from Node objects win; the uplink's address is the fallback
+    /// when there are none (manifests without Node objects).
+    pub fn apply_host(&mut self, facts: HostFacts) -> Option<u64> {
+        if self.live_host.as_ref() == Some(&facts) {
+            return None;
+        }
+        let old = self.live_host.take().unwrap_or_else(|| HostFacts {
+            local_pods: Default::default(),
+            neighbors: Default::default(),
+            ..facts.clone()
+        });
+        let mut draft = self.publisher.draft();
+        let mut node = draft.node().clone();
+        node.ports = facts.ports.clone();
+        node.uplink = facts.uplink;
+        if let Some(subnet) = facts.uplink_subnet {
+            node.uplink_subnet = subnet;
+        }
+        node.gateway = facts.gateway;
+        if let Some(mac) = facts.vtep_mac {
+            node.vxlan.vtep_mac = mac;
+        }
+        if node.node_ips.is_empty() {
+            if let Some(ip) = facts.uplink_ip {
+                node.node_ips = vec![ip];
+                node.snat_ip = ip;
+            }
+        }
+        draft.set_node(node);
+        for ip in old.local_pods.keys().filter(|ip| !facts.local_pods.contains_key(ip)) {
+            draft.remove_local_pod(*ip);
+        }
+        for (ip, pod) in &facts.local_pods {
+            if old.local_pods.get(ip) != Some(pod) {
+                draft.set_local_pod(*ip, *pod);
+            }
+        }
+        for ip in old.neighbors.keys().filter(|ip| !facts.neighbors.contains_key(ip)) {
+            draft.remove_neighbor(*ip);
+        }
+        for (ip, mac) in &facts.neighbors {
+            if old.neighbors.get(ip) != Some(mac) {
+                draft.set_neighbor(*ip, *mac);
+            }
+        }
+        self.live_host = Some(facts);
+        Some(self.publisher.publish(draft))
     }
 }
 

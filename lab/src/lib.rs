@@ -133,6 +133,8 @@ pub struct Lab {
     pub nodes: Vec<Node>,
 }
 
+pub mod kxp;
+
 pub const VXLAN_VNI: u32 = 1;
 pub const VXLAN_PORT: u16 = 8472;
 

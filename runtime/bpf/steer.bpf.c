@@ -5,9 +5,9 @@
 //
 // kxp's packets: destinations in the service frontend set (ClusterIP, LB,
 // externalIP : port / proto); NodePorts on node addresses; VXLAN to this
-// node; replies to NATed flows (to the SNAT address's port range, or from a
-// backend endpoint); ICMP errors to frontend or SNAT addresses; pod traffic
-// to another node's pod CIDR. Maps are filled from kxp's published tables.
+// node; replies to NATed flows (from a backend endpoint, to a client that is
+// not this node or to the SNAT port range); ICMP errors to frontend or SNAT
+// addresses; pod traffic to another node's pod CIDR. Maps are filled from kxp's published tables.
 //
 // Written without CO-RE or vmlinux.h: the kernels kxp targets may not
 // expose BTF.
@@ -183,11 +183,18 @@ static __always_inline int kxps(struct xdp_md *ctx)
 					return 1;
 			}
 		}
-		if (cfg->snat_ip && dst == cfg->snat_ip && in_range(dport, cfg->snat_port_lo, cfg->snat_port_hi))
-			return 1;
+		/* Replies come from a backend endpoint: to the client it was
+		 * DNATed for (never this node), or to the SNAT port range on this
+		 * node. The node's own connections to a backend (kubelet probes,
+		 * host processes) and the node's own servers stay the kernel's. */
 		struct l4_key b = { .ip = ip->saddr, .port = sport, .proto = l4proto };
-		if (bpf_map_lookup_elem(&backends, &b))
-			return 1;
+		if (bpf_map_lookup_elem(&backends, &b)) {
+			if (!bpf_map_lookup_elem(&node_ips, &dst))
+				return 1;
+			if (cfg->snat_ip && dst == cfg->snat_ip &&
+			    in_range(dport, cfg->snat_port_lo, cfg->snat_port_hi))
+				return 1;
+		}
 	} else if (l4proto == IPPROTO_ICMP) {
 		/* Only errors (unreachable, time exceeded, parameter problem) quote
 		 * a flow kxp may have NATed; pings to the node stay the kernel's. */

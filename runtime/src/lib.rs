@@ -1,12 +1,18 @@
-//! kxp's kernel-facing runtime. Today: the XDP steering program, loaded with
-//! aya (its unsafe syscalls live in aya) and attached through a BPF link, so
-//! a killed kxp leaves nothing behind; its maps are filled from the
-//! published tables. Next: AF_XDP sockets and pinned workers.
+//! kxp's kernel-facing runtime: the XDP steering program (loaded with aya,
+//! attached through a BPF link, so a killed kxp leaves nothing behind; its
+//! maps follow the published tables), the AF_XDP sockets and their frame
+//! pool, the pinned workers that run the engine on them, and the kernel
+//! facts (interfaces, routes, neighbours) the engine's tables need.
 //!
 //! This crate is the one place kxp allows unsafe code (kernel ABI structs,
-//! and later UMEM frames); every unsafe item carries a `// SAFETY:` note.
+//! UMEM frames, ring access); every unsafe block carries a `// SAFETY:` note.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod datapath;
+pub mod host;
 pub mod steering;
+pub mod worker;
+pub mod xsk;
 
+pub use datapath::{Datapath, DatapathConfig, DatapathError};
 pub use steering::{Steering, SteeringError, SteeringStats};

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, Pod};
 use dataplane::addr::{Frontend, Proto};
@@ -221,6 +221,14 @@ impl Steering {
     {
         let m = self.ebpf.map_mut(name).ok_or(SteeringError::Missing(name))?;
         T::try_from(m).map_err(|source| SteeringError::Map { map: name, source })
+    }
+
+    /// Steers this interface's receive queue `queue` to the AF_XDP socket
+    /// `fd`. Until it is set, that queue's frames take XDP_PASS.
+    pub fn bind_socket(&mut self, queue: u32, fd: std::os::fd::RawFd) -> Result<(), SteeringError> {
+        let mut xsks: XskMap<&mut MapData> = self.map("xsks")?;
+        xsks.set(queue, fd, 0)
+            .map_err(|source| SteeringError::Map { map: "xsks", source })
     }
 
     pub fn stats(&mut self) -> Result<SteeringStats, SteeringError> {

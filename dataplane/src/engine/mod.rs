@@ -170,7 +170,10 @@ impl Worker {
     /// kernel's.
     fn forward_plain(&mut self, t: &Tables, frame: &mut Frame, mut pkt: Pkt) -> Result<Verdict, DropReason> {
         let routed = match pkt.origin {
-            Origin::Pod => t.remote_node(pkt.ip.dst).is_some(),
+            // A pod's packet to another pod reaches kxp when the steering
+            // program cannot tell it from a service reply (a backend answering
+            // a direct connection): kxp delivers it, as the kernel would.
+            Origin::Pod => t.remote_node(pkt.ip.dst).is_some() || t.local_pod(pkt.ip.dst).is_some(),
             Origin::Overlay => {
                 if t.local_pod(pkt.ip.dst).is_none() {
                     return Err(DropReason::NoRoute);

@@ -1,0 +1,169 @@
+//! Everything that moves packets on this node, started in the right order:
+//! start-up checks, the steering program on every port, one AF_XDP socket
+//! set (one UMEM) and one pinned worker per queue. Dropping it stops the
+//! workers and detaches the programs.
+
+use std::sync::Arc;
+
+use dataplane::flow::FlowState;
+use dataplane::tables::{PortRole, Tables};
+use dataplane::Reader;
+use hdrhistogram::Histogram;
+
+use crate::host::PortSpec;
+use crate::steering::{Steering, SteeringError, SteeringStats};
+use crate::worker::{self, WorkerHandle, WorkerReport, WorkerSpec};
+use crate::xsk::{RingSizes, XskError, XskSet};
+
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// In `PortId` order; exactly one uplink.
+    pub ports: Vec<PortSpec>,
+    /// Queues per port; one worker per queue.
+    pub queues: u32,
+    /// Cores to pin workers to, round-robin; empty: unpinned.
+    pub cores: Vec<usize>,
+    pub rings: RingSizes,
+    pub batch: usize,
+    pub zero_copy: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("kxp's datapath needs root (CAP_NET_ADMIN, CAP_BPF, CAP_NET_RAW): run it as root")]
+    NotRoot,
+    #[error("interface {0} does not exist in this network namespace; fix kxp.interfaces / kxp.podInterfaces or create it first")]
+    NoInterface(String),
+    #[error(
+        "interface {0} already has an XDP program; remove it (`ip link set dev {0} xdp off`) or stop the other kxp"
+    )]
+    XdpBusy(String),
+    #[error("interface {iface} has {have} receive queue(s), kxp.queues asks for {want}; lower kxp.queues or raise the queue count (ethtool -L)")]
+    Queues { iface: String, have: u32, want: u32 },
+    #[error("exactly one uplink interface is needed (kxp.interfaces), found {0}")]
+    Uplinks(usize),
+    #[error(transparent)]
+    Steering(#[from] SteeringError),
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    #[error("cannot start a worker thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+pub struct Datapath {
+    // Workers first: they stop before the programs that feed them go.
+    workers: Vec<WorkerHandle>,
+    steering: Vec<Steering>,
+}
+
+/// One clear sentence for each thing that would otherwise fail obscurely.
+pub fn preflight(cfg: &DatapathConfig) -> Result<(), DatapathError> {
+    let uplinks = cfg.ports.iter().filter(|p| p.role == PortRole::Uplink).count();
+    if uplinks != 1 {
+        return Err(DatapathError::Uplinks(uplinks));
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(DatapathError::NotRoot);
+    }
+    for p in &cfg.ports {
+        let dir = format!("/sys/class/net/{}", p.name);
+        if !std::path::Path::new(&dir).exists() {
+            return Err(DatapathError::NoInterface(p.name.clone()));
+        }
+        if xdp_attached(&p.name) {
+            return Err(DatapathError::XdpBusy(p.name.clone()));
+        }
+        let have = std::fs::read_dir(format!("{dir}/queues"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                    .count() as u32
+            })
+            .unwrap_or(1);
+        if have < cfg.queues {
+            return Err(DatapathError::Queues {
+                iface: p.name.clone(),
+                have,
+                want: cfg.queues,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn xdp_attached(iface: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["-d", "link", "show", "dev", iface])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+        .unwrap_or(false)
+}
+
+impl Datapath {
+    pub fn start(cfg: &DatapathConfig, reader: Reader, flows: Arc<FlowState>) -> Result<Datapath, DatapathError> {
+        preflight(cfg)?;
+        let mut steering = Vec::with_capacity(cfg.ports.len());
+        for p in &cfg.ports {
+            let mut s = Steering::load()?;
+            s.attach(&p.name, p.role)?;
+            s.sync_from(&reader.load())?;
+            steering.push(s);
+        }
+        let names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
+        let mut workers = Vec::with_capacity(cfg.queues as usize);
+        for queue in 0..cfg.queues {
+            let set = XskSet::open(&names, queue, cfg.rings, cfg.zero_copy)?;
+            for (s, port) in steering.iter_mut().zip(&set.ports) {
+                s.bind_socket(queue, port.fd())?;
+            }
+            let core = (!cfg.cores.is_empty()).then(|| cfg.cores[queue as usize % cfg.cores.len()]);
+            let spec = WorkerSpec {
+                queue,
+                core,
+                batch: cfg.batch,
+            };
+            workers.push(worker::spawn(spec, set, reader.clone(), flows.clone())?);
+        }
+        Ok(Datapath { workers, steering })
+    }
+
+    /// Refills the steering maps from freshly published tables.
+    pub fn on_publish(&mut self, t: &Tables) -> Result<(), SteeringError> {
+        for s in &mut self.steering {
+            s.sync_from(t)?;
+        }
+        Ok(())
+    }
+
+    pub fn reports(&self) -> Vec<WorkerReport> {
+        self.workers.iter().map(WorkerHandle::snapshot).collect()
+    }
+
+    /// The steering counters of every port, summed.
+    pub fn steering_stats(&mut self) -> SteeringStats {
+        let mut sum = SteeringStats::default();
+        for s in &mut self.steering {
+            if let Ok(st) = s.stats() {
+                sum.seen += st.seen;
+                sum.redirected += st.redirected;
+                sum.passed += st.passed;
+            }
+        }
+        sum
+    }
+
+    /// Stops the workers (draining their TX rings) and returns their final
+    /// reports; the programs detach when `self` is dropped.
+    pub fn stop(mut self) -> Vec<WorkerReport> {
+        self.workers.drain(..).map(WorkerHandle::stop).collect()
+    }
+}
+
+/// All workers' latency histograms merged.
+pub fn merged_latency(reports: &[WorkerReport]) -> Histogram<u64> {
+    let mut h = worker::new_histogram();
+    for r in reports {
+        let _ = h.add(&r.latency);
+    }
+    h
+}

@@ -1,0 +1,281 @@
+//! What the kernel knows that the engine needs: each port's MAC, the
+//! uplink's subnet and gateway, which pods sit behind which pod interface,
+//! and neighbours' MAC addresses. ARP stays the kernel's job: kxp reads the
+//! results and asks the kernel to keep the next hops it needs resolved
+//! ("managed" neighbour entries, Linux 5.16+), never answering ARP itself.
+//!
+//! Read from /proc/thread-self/net (the calling thread's network
+//! namespace) and /sys/class/net.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use dataplane::addr::{Cidr, Mac, PortId};
+use dataplane::tables::{LocalPod, PortInfo, PortRole};
+
+/// One interface kxp serves, in `PortId` order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub name: String,
+    pub role: PortRole,
+}
+
+/// A snapshot of the kernel's view, as the engine's tables want it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Indexed by `PortId`, like `NodeConfig::ports`.
+    pub ports: Vec<PortInfo>,
+    pub uplink: PortId,
+    /// The uplink's first IPv4 address and directly attached subnet.
+    pub uplink_ip: Option<Ipv4Addr>,
+    pub uplink_subnet: Option<Cidr>,
+    pub gateway: Option<Ipv4Addr>,
+    /// MAC of the local VXLAN device (e.g. Flannel's `flannel.1`), which
+    /// other nodes know as this node's VTEP MAC.
+    pub vtep_mac: Option<Mac>,
+    /// Pods routed (/32) through a pod port, with their MACs.
+    pub local_pods: BTreeMap<Ipv4Addr, LocalPod>,
+    /// Resolved neighbours on the uplink.
+    pub neighbors: BTreeMap<Ipv4Addr, Mac>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("interface {0} does not exist in this network namespace; check kxp.interfaces / kxp.podInterfaces")]
+    NoInterface(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("exactly one uplink interface is needed, found {0}")]
+    Uplinks(usize),
+}
+
+fn read(path: &str) -> Result<String, HostError> {
+    std::fs::read_to_string(path).map_err(|source| HostError::Read {
+        path: path.to_string(),
+        source,
+    })
+}
+
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let mut m = [0u8; 6];
+    let mut parts = s.trim().split(':');
+    for b in &mut m {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(Mac(m))
+}
+
+/// The interface's MAC, or `None` when it does not exist.
+pub fn interface_mac(name: &str) -> Option<Mac> {
+    std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
+        .ok()
+        .and_then(|s| parse_mac(&s))
+}
+
+/// One line of /proc/net/route (IPv4 FIB main table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Route<'a> {
+    iface: &'a str,
+    dst: Ipv4Addr,
+    gateway: Ipv4Addr,
+    prefix_len: u8,
+}
+
+/// /proc/net/route prints addresses as host-order hex of the network-order
+/// word, i.e. little-endian on x86: "0100A8C0" is 192.168.0.1.
+fn proc_ip(hex: &str) -> Option<Ipv4Addr> {
+    let v = u32::from_str_radix(hex, 16).ok()?;
+    Some(Ipv4Addr::from(v.to_le_bytes()))
+}
+
+fn routes(text: &str) -> Vec<Route<'_>> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let mask = proc_ip(f.get(7)?)?;
+            Some(Route {
+                iface: f.first()?,
+                dst: proc_ip(f.get(1)?)?,
+                gateway: proc_ip(f.get(2)?)?,
+                prefix_len: u32::from(mask).count_ones() as u8,
+            })
+        })
+        .collect()
+}
+
+/// Complete entries of /proc/net/arp: (ip, mac, device).
+fn arp(text: &str) -> Vec<(Ipv4Addr, Mac, &str)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(2)?.trim_start_matches("0x"), 16).ok()?;
+            // ATF_COM: the entry is resolved.
+            if flags & 0x2 == 0 {
+                return None;
+            }
+            Some((f.first()?.parse().ok()?, parse_mac(f.get(3)?)?, *f.get(5)?))
+        })
+        .collect()
+}
+
+fn first_ipv4(iface: &str) -> Option<(Ipv4Addr, u8)> {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", iface])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cidr = text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
+    let (ip, len) = cidr.split_once('/')?;
+    Some((ip.parse().ok()?, len.parse().ok()?))
+}
+
+/// Reads the kernel's view for `ports` (exactly one uplink).
+pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, HostError> {
+    let uplinks: Vec<usize> = (0..ports.len())
+        .filter(|&i| ports[i].role == PortRole::Uplink)
+        .collect();
+    if uplinks.len() != 1 {
+        return Err(HostError::Uplinks(uplinks.len()));
+    }
+    let uplink = PortId(uplinks[0] as u16);
+    let mut infos = Vec::with_capacity(ports.len());
+    for p in ports {
+        let mac = interface_mac(&p.name).ok_or_else(|| HostError::NoInterface(p.name.clone()))?;
+        infos.push(PortInfo {
+            name: p.name.clone(),
+            mac,
+            vlan: None,
+            role: p.role,
+        });
+    }
+    let up_name = ports[uplinks[0]].name.as_str();
+    let route_text = read("/proc/thread-self/net/route")?;
+    let arp_text = read("/proc/thread-self/net/arp")?;
+    let rt = routes(&route_text);
+    let neigh = arp(&arp_text);
+    let (uplink_ip, uplink_subnet) = match first_ipv4(up_name) {
+        Some((ip, len)) => (Some(ip), Some(Cidr::of(ip, len))),
+        None => (None, None),
+    };
+    let gateway = rt
+        .iter()
+        .find(|r| r.prefix_len == 0 && r.iface == up_name && !r.gateway.is_unspecified())
+        .map(|r| r.gateway);
+    let port_of = |name: &str| ports.iter().position(|p| p.name == name && p.role == PortRole::Pod);
+    let mac_on = |ip: Ipv4Addr, dev: &str| neigh.iter().find(|(i, _, d)| *i == ip && *d == dev).map(|(_, m, _)| *m);
+    let mut local_pods = BTreeMap::new();
+    for r in rt.iter().filter(|r| r.prefix_len == 32 && r.gateway.is_unspecified()) {
+        if let (Some(i), Some(mac)) = (port_of(r.iface), mac_on(r.dst, r.iface)) {
+            local_pods.insert(
+                r.dst,
+                LocalPod {
+                    port: PortId(i as u16),
+                    mac,
+                },
+            );
+        }
+    }
+    let neighbors = neigh
+        .iter()
+        .filter(|(_, _, d)| *d == up_name)
+        .map(|(ip, mac, _)| (*ip, *mac))
+        .collect();
+    Ok(HostFacts {
+        ports: infos,
+        uplink,
+        uplink_ip,
+        uplink_subnet,
+        gateway,
+        vtep_mac: interface_mac(vxlan_device),
+        local_pods,
+        neighbors,
+    })
+}
+
+/// Pods routed through pod ports whose MAC the kernel has not resolved yet.
+pub fn unresolved_pods(ports: &[PortSpec]) -> Result<Vec<(Ipv4Addr, String)>, HostError> {
+    let route_text = read("/proc/thread-self/net/route")?;
+    let arp_text = read("/proc/thread-self/net/arp")?;
+    let neigh = arp(&arp_text);
+    Ok(routes(&route_text)
+        .into_iter()
+        .filter(|r| r.prefix_len == 32 && r.gateway.is_unspecified())
+        .filter(|r| ports.iter().any(|p| p.role == PortRole::Pod && p.name == r.iface))
+        .filter(|r| !neigh.iter().any(|(ip, _, d)| *ip == r.dst && *d == r.iface))
+        .map(|r| (r.dst, r.iface.to_string()))
+        .collect())
+}
+
+/// Asks the kernel to resolve `ip` on `dev` and keep it resolved (a
+/// managed neighbour entry): the kernel sends the ARP requests, kxp only
+/// reads the answer. Errors are returned for logging; a failed request is
+/// retried on the next observation.
+pub fn keep_resolved(ip: Ipv4Addr, dev: &str) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-4",
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "dev",
+            dev,
+            "managed",
+            "extern_learn",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_route() {
+        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                    eth0\t00000000\t014DA8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                    eth0\t004DA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                    vp1_0\t02014D0A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+        let r = routes(text);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].gateway, Ipv4Addr::new(192, 168, 77, 1));
+        assert_eq!(r[0].prefix_len, 0);
+        assert_eq!(r[1].dst, Ipv4Addr::new(192, 168, 77, 0));
+        assert_eq!(r[1].prefix_len, 24);
+        assert_eq!(
+            (r[2].iface, r[2].dst, r[2].prefix_len),
+            ("vp1_0", Ipv4Addr::new(10, 77, 1, 2), 32)
+        );
+    }
+
+    #[test]
+    fn parses_only_complete_arp_entries() {
+        let text = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                    192.168.77.2     0x1         0x2         0e:00:00:00:00:02     *        eth0\n\
+                    192.168.77.3     0x1         0x0         00:00:00:00:00:00     *        eth0\n";
+        let a = arp(text);
+        assert_eq!(
+            a,
+            vec![(Ipv4Addr::new(192, 168, 77, 2), Mac([0x0e, 0, 0, 0, 0, 2]), "eth0")]
+        );
+    }
+
+    #[test]
+    fn mac_parsing_rejects_garbage() {
+        assert_eq!(parse_mac("0e:77:00:00:00:01\n"), Some(Mac([0x0e, 0x77, 0, 0, 0, 1])));
+        assert_eq!(parse_mac("0e:77:00:00:00"), None);
+        assert_eq!(parse_mac("0e:77:00:00:00:01:02"), None);
+        assert_eq!(parse_mac("zz:77:00:00:00:01"), None);
+    }
+}

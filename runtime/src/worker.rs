@@ -1,0 +1,252 @@
+//! A pinned worker thread: batch RX from queue `q` of every port -> engine
+//! -> batch TX, on one UMEM. No syscall per packet: RX and completion rings
+//! are read without one, TX costs one wakeup per port per batch (copy mode
+//! needs it), and an idle worker sleeps in poll(2) instead of spinning.
+//!
+//! Latency is recorded **per batch**: from the moment the batch's RX ring
+//! was read to the moment its last TX ring was submitted, counted once for
+//! each packet of the batch (so percentiles are over packets, and each
+//! packet's true RX->TX-submit time is at most the recorded value).
+//! Counters and the histogram are the worker's own and are folded into a
+//! shared report every `REPORT_EVERY`, so the hot path shares nothing.
+
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dataplane::addr::PortId;
+use dataplane::flow::FlowState;
+use dataplane::{Frame, Reader, Stats, Time, Verdict};
+use hdrhistogram::Histogram;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use xsk_rs::FrameDesc;
+
+use crate::xsk::{FrameAccount, XskSet};
+
+const REPORT_EVERY: Duration = Duration::from_millis(100);
+/// Empty polls of the rings before the worker sleeps in poll(2).
+const SPINS_BEFORE_SLEEP: u32 = 256;
+const SLEEP_MS: u8 = 10;
+
+/// Counters of the runtime itself (the engine's are in `Stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeCounters {
+    pub batches: u64,
+    /// Frames dropped because the egress TX ring was full.
+    pub tx_ring_full: u64,
+    /// Frames the engine handed back to the kernel (`Verdict::Pass`) after
+    /// the XDP program had already steered them to kxp: userspace has no way
+    /// to re-inject them, so they are dropped and counted. The steering
+    /// program is kept precise so that this stays zero.
+    pub kernel_return_dropped: u64,
+    /// Times the worker went to sleep in poll(2).
+    pub sleeps: u64,
+}
+
+/// What one worker has done so far.
+#[derive(Clone, Debug)]
+pub struct WorkerReport {
+    pub queue: u32,
+    pub core: Option<usize>,
+    pub stats: Stats,
+    pub runtime: RuntimeCounters,
+    /// Nanoseconds from RX to TX submit, one sample per packet.
+    pub latency: Histogram<u64>,
+    pub frames: FrameAccount,
+    pub running: bool,
+}
+
+impl WorkerReport {
+    fn new(queue: u32, core: Option<usize>) -> Self {
+        WorkerReport {
+            queue,
+            core,
+            stats: Stats::default(),
+            runtime: RuntimeCounters::default(),
+            latency: new_histogram(),
+            frames: FrameAccount::default(),
+            running: true,
+        }
+    }
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 1 ns .. 60 s at 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+pub struct WorkerHandle {
+    pub report: Arc<Mutex<WorkerReport>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    pub fn snapshot(&self) -> WorkerReport {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops the worker, waits until its TX rings are drained (bounded) and
+    /// returns its last report.
+    pub fn stop(mut self) -> WorkerReport {
+        self.halt();
+        self.snapshot()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (vDSO, no syscall): one clock for all
+/// workers, since conntrack entries are shared.
+pub fn monotonic() -> Time {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => Time(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64),
+        // CLOCK_MONOTONIC cannot fail on Linux; keep the engine's clock still.
+        Err(_) => Time::ZERO,
+    }
+}
+
+pub struct WorkerSpec {
+    pub queue: u32,
+    pub core: Option<usize>,
+    pub batch: usize,
+}
+
+pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState>) -> std::io::Result<WorkerHandle> {
+    let report = Arc::new(Mutex::new(WorkerReport::new(spec.queue, spec.core)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r, s) = (report.clone(), stop.clone());
+    let thread = std::thread::Builder::new()
+        .name(format!("kxp-worker-{}", spec.queue))
+        .spawn(move || {
+            if let Some(core) = spec.core {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                    tracing::warn!(core, "cannot pin worker to core; running unpinned");
+                }
+            }
+            run(spec.batch, set, reader, dataplane::Worker::new(flows), &r, &s);
+        })?;
+    Ok(WorkerHandle {
+        report,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn run(
+    batch: usize,
+    mut set: XskSet,
+    reader: Reader,
+    mut engine: dataplane::Worker,
+    shared: &Mutex<WorkerReport>,
+    stop: &AtomicBool,
+) {
+    let nports = set.ports.len();
+    let mut rx = vec![FrameDesc::default(); batch];
+    let mut out: Vec<Vec<FrameDesc>> = (0..nports).map(|_| Vec::with_capacity(batch * nports)).collect();
+    let mut counters = RuntimeCounters::default();
+    let mut latency = new_histogram();
+    let mut last_report = Instant::now();
+    let mut idle = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let now = monotonic();
+        let tables = reader.load();
+        let mut got = 0;
+        for port in 0..nports {
+            let n = set.receive(port, &mut rx);
+            got += n;
+            for desc in &mut rx[..n] {
+                let (buf, off, len) = set.frame_mut(desc);
+                let mut frame = Frame::new(buf, off, len);
+                match engine.process(now, &tables, PortId(port as u16), &mut frame) {
+                    Verdict::Tx(PortId(q)) if usize::from(q) < nports => {
+                        let (off, len) = (frame.headroom(), frame.len());
+                        set.set_packet(desc, off, len);
+                        out[usize::from(q)].push(*desc);
+                    }
+                    Verdict::Tx(_) => set.release(*desc),
+                    Verdict::Pass => {
+                        counters.kernel_return_dropped += 1;
+                        set.release(*desc);
+                    }
+                    Verdict::Drop(_) => set.release(*desc),
+                }
+            }
+        }
+        drop(tables);
+        for (port, frames) in out.iter_mut().enumerate() {
+            counters.tx_ring_full += set.transmit(port, frames) as u64;
+            frames.clear();
+        }
+        set.complete();
+        set.refill();
+        if got > 0 {
+            counters.batches += 1;
+            latency.saturating_record_n(started.elapsed().as_nanos() as u64, got as u64);
+            idle = 0;
+        } else if set.in_flight() == 0 {
+            idle += 1;
+            if idle >= SPINS_BEFORE_SLEEP {
+                counters.sleeps += 1;
+                sleep_until_readable(&set);
+                idle = 0;
+            }
+        }
+        if last_report.elapsed() >= REPORT_EVERY {
+            engine.housekeeping(monotonic());
+            publish(shared, &engine, &counters, &mut latency, &set, true);
+            last_report = Instant::now();
+        }
+    }
+    // Shutdown: let the kernel finish what is on the TX rings (bounded), so
+    // the final account shows every frame back home.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while set.in_flight() > 0 && Instant::now() < deadline {
+        set.complete();
+        std::thread::yield_now();
+    }
+    publish(shared, &engine, &counters, &mut latency, &set, false);
+}
+
+fn publish(
+    shared: &Mutex<WorkerReport>,
+    engine: &dataplane::Worker,
+    counters: &RuntimeCounters,
+    latency: &mut Histogram<u64>,
+    set: &XskSet,
+    running: bool,
+) {
+    let mut r = shared.lock().unwrap_or_else(|e| e.into_inner());
+    r.stats = engine.stats.clone();
+    r.runtime = *counters;
+    let _ = r.latency.add(&*latency);
+    latency.reset();
+    r.frames = set.account();
+    r.running = running;
+}
+
+/// Sleeps until a port has frames to receive, or SLEEP_MS.
+fn sleep_until_readable(set: &XskSet) {
+    let mut fds: Vec<PollFd> = set
+        .ports
+        .iter()
+        // SAFETY: the fds belong to sockets `set` owns, which outlive this
+        // call; poll(2) only reads them.
+        .map(|p| PollFd::new(unsafe { BorrowedFd::borrow_raw(p.fd()) }, PollFlags::POLLIN))
+        .collect();
+    let _ = nix::poll::poll(&mut fds, PollTimeout::from(SLEEP_MS));
+}

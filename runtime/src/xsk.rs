@@ -1,0 +1,286 @@
+//! One worker's AF_XDP sockets: queue `q` of every port, all on one UMEM,
+//! so a frame received on one port is transmitted on another without a
+//! copy. Owns the frame pool and keeps its accounting exact: every frame is
+//! at all times in exactly one of the free list, a fill ring (lent to the
+//! kernel for RX), a TX ring (until its completion), or the batch being
+//! processed. `account()` proves it.
+//!
+//! Unsafe code: xsk-rs makes ring and frame access `unsafe` because only
+//! the caller can know that a descriptor belongs to this UMEM and is not
+//! also held by the kernel. Each block below says why that holds.
+
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, RawFd};
+
+use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+/// UMEM frame size: one page, room for a 1500-byte packet, 256 bytes of
+/// headroom (VXLAN encap grows frames at the front) and more.
+pub const FRAME_SIZE: u32 = 4096;
+
+#[derive(Clone, Copy, Debug)]
+pub struct RingSizes {
+    pub rx: u32,
+    pub tx: u32,
+    pub fill: u32,
+    pub comp: u32,
+}
+
+impl Default for RingSizes {
+    fn default() -> Self {
+        RingSizes {
+            rx: 2048,
+            tx: 2048,
+            fill: 2048,
+            comp: 2048,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XskError {
+    #[error("invalid AF_XDP ring or frame size: {0}")]
+    Config(String),
+    #[error(
+        "cannot create the UMEM ({0}); kxp needs root (CAP_NET_RAW, CAP_IPC_LOCK) and locked-memory room (ulimit -l)"
+    )]
+    Umem(String),
+    #[error("cannot open an AF_XDP socket on {iface} queue {queue}: {reason}; check the interface has that queue (ethtool -l) and the kernel has CONFIG_XDP_SOCKETS")]
+    Socket { iface: String, queue: u32, reason: String },
+}
+
+/// Where a worker's frames are (see the module comment).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameAccount {
+    pub total: usize,
+    pub free: usize,
+    pub in_fill: usize,
+    pub in_tx: usize,
+}
+
+impl FrameAccount {
+    /// True when no frame is lost or counted twice.
+    pub fn balanced(&self) -> bool {
+        self.free + self.in_fill + self.in_tx == self.total
+    }
+}
+
+pub struct Port {
+    pub tx: TxQueue,
+    pub rx: RxQueue,
+    fill: FillQueue,
+    comp: CompQueue,
+    in_fill: usize,
+    in_tx: usize,
+}
+
+impl Port {
+    pub fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+}
+
+pub struct XskSet {
+    umem: Umem,
+    pub ports: Vec<Port>,
+    free: Vec<FrameDesc>,
+    total: usize,
+    scratch: Vec<FrameDesc>,
+}
+
+impl XskSet {
+    /// Opens an AF_XDP socket on queue `queue` of each interface, in copy
+    /// mode unless `zero_copy`, all sharing one UMEM, and fills every fill
+    /// ring. kxp's own XDP program steers to them (libxdp loads none).
+    pub fn open(ifaces: &[String], queue: u32, sizes: RingSizes, zero_copy: bool) -> Result<XskSet, XskError> {
+        let q = |n: u32| QueueSize::new(n).map_err(|e| XskError::Config(e.to_string()));
+        let umem_cfg = UmemConfig::builder()
+            .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| XskError::Config(e.to_string()))?)
+            .fill_queue_size(q(sizes.fill)?)
+            .comp_queue_size(q(sizes.comp)?)
+            .frame_headroom(0)
+            .build()
+            .map_err(|e| XskError::Config(e.to_string()))?;
+        // Enough for every fill ring and every TX ring to be full at once.
+        let total = ifaces.len() * (sizes.fill + sizes.tx) as usize;
+        let count = NonZeroU32::new(total as u32).ok_or_else(|| XskError::Config("no interfaces".into()))?;
+        let (umem, free) = Umem::new(umem_cfg, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
+        let mut bind = BindFlags::XDP_USE_NEED_WAKEUP;
+        bind |= if zero_copy {
+            BindFlags::XDP_ZEROCOPY
+        } else {
+            BindFlags::XDP_COPY
+        };
+        let sock_cfg = SocketConfig::builder()
+            .rx_queue_size(q(sizes.rx)?)
+            .tx_queue_size(q(sizes.tx)?)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(bind)
+            .build();
+        let mut ports = Vec::with_capacity(ifaces.len());
+        for iface in ifaces {
+            let err = |reason: String| XskError::Socket {
+                iface: iface.clone(),
+                queue,
+                reason,
+            };
+            let name: Interface = iface.parse().map_err(|e| err(format!("{e:?}")))?;
+            // SAFETY: INHIBIT_PROG_LOAD is set, which is what `Socket::new`
+            // requires when a UMEM is shared across (interface, queue)
+            // pairs; each pair here is bound once.
+            let (tx, rx, rings) =
+                unsafe { Socket::new(sock_cfg, &umem, &name, queue) }.map_err(|e| err(e.to_string()))?;
+            let (fill, comp) = rings.ok_or_else(|| err("the queue is already bound by this UMEM".into()))?;
+            ports.push(Port {
+                tx,
+                rx,
+                fill,
+                comp,
+                in_fill: 0,
+                in_tx: 0,
+            });
+        }
+        let mut set = XskSet {
+            umem,
+            ports,
+            free,
+            total,
+            scratch: vec![FrameDesc::default(); sizes.comp.max(sizes.rx) as usize],
+        };
+        set.refill();
+        Ok(set)
+    }
+
+    pub fn account(&self) -> FrameAccount {
+        FrameAccount {
+            total: self.total,
+            free: self.free.len(),
+            in_fill: self.ports.iter().map(|p| p.in_fill).sum(),
+            in_tx: self.ports.iter().map(|p| p.in_tx).sum(),
+        }
+    }
+
+    /// Gives free frames to every fill ring that has room; wakes the
+    /// kernel only if the ring asks for it.
+    pub fn refill(&mut self) {
+        for p in &mut self.ports {
+            let n = p.fill.nb_free(self.free.len() as u32) as usize;
+            if n == 0 {
+                continue;
+            }
+            let from = self.free.len() - n;
+            // SAFETY: frames on the free list belong to this UMEM and are
+            // held by no ring and no one else; after this call they belong
+            // to the kernel until they come back through an RX ring.
+            let done = unsafe { p.fill.produce(&self.free[from..]) };
+            if done > 0 {
+                self.free.truncate(self.free.len() - done);
+                p.in_fill += done;
+            }
+            if p.fill.needs_wakeup() {
+                let _ = p.fill.wakeup(p.rx.fd_mut(), 0);
+            }
+        }
+    }
+
+    /// Takes up to `out.len()` received frames from `port` (no syscall).
+    /// The caller must hand each one to `transmit` or `release`.
+    pub fn receive(&mut self, port: usize, out: &mut [FrameDesc]) -> usize {
+        let p = &mut self.ports[port];
+        // SAFETY: the descriptors the RX ring returns are frames of this
+        // UMEM the kernel has finished writing; from now on only the caller
+        // holds them.
+        let n = unsafe { p.rx.consume(out) };
+        p.in_fill -= n;
+        n
+    }
+
+    /// The frame `desc` points at as one buffer: the XDP headroom in front
+    /// of the packet, the packet, and the rest of the frame. Returns the
+    /// buffer and the packet's offset and length in it.
+    pub fn frame_mut(&mut self, desc: &mut FrameDesc) -> (&mut [u8], usize, usize) {
+        let headroom = desc.addr() % FRAME_SIZE as usize;
+        // SAFETY: `desc` came from `receive`, so it is a frame of this UMEM
+        // that neither the kernel nor another descriptor refers to.
+        let mut data = unsafe { self.umem.data_mut(desc) };
+        let len = data.contents().len();
+        let cap = data.cursor().buf_len();
+        let start = data.contents_mut().as_mut_ptr();
+        // SAFETY: with a zero user headroom xsk-rs lays each frame out as
+        // [XDP headroom][data], frame-aligned, so the `headroom` bytes before
+        // the data and the `cap` bytes from it are exactly this frame's
+        // FRAME_SIZE bytes: in bounds of the UMEM and owned by the caller as
+        // above. `data` (the only other view) is no longer used.
+        let buf = unsafe { std::slice::from_raw_parts_mut(start.sub(headroom), headroom + cap) };
+        (buf, headroom, len)
+    }
+
+    /// Makes the frame's packet the `len` bytes at `offset` of its buffer.
+    /// The descriptor's start is fixed by xsk-rs, so a packet that grew or
+    /// shrank at the front (VXLAN encap/decap) is moved back to it.
+    pub fn set_packet(&mut self, desc: &mut FrameDesc, offset: usize, len: usize) {
+        let headroom = desc.addr() % FRAME_SIZE as usize;
+        if offset != headroom {
+            let (buf, _, _) = self.frame_mut(desc);
+            buf.copy_within(offset..offset + len, headroom);
+        }
+        // SAFETY: as in `frame_mut`.
+        let mut data = unsafe { self.umem.data_mut(desc) };
+        data.cursor().set_pos(len);
+    }
+
+    /// Returns a frame the caller will not send to the free list.
+    pub fn release(&mut self, desc: FrameDesc) {
+        self.free.push(desc);
+    }
+
+    /// Queues `descs` for transmission on `port` as far as its TX ring has
+    /// room and returns how many did not fit (those are released and
+    /// should be counted as drops). Wakes the kernel, which copy mode
+    /// needs for every batch.
+    pub fn transmit(&mut self, port: usize, descs: &[FrameDesc]) -> usize {
+        if descs.is_empty() {
+            return 0;
+        }
+        let p = &mut self.ports[port];
+        let room = p.tx.nb_free(descs.len() as u32) as usize;
+        let n = room.min(descs.len());
+        // SAFETY: the frames came from `receive` and were processed in place;
+        // from now on the kernel owns them until the completion ring returns
+        // them.
+        let sent = unsafe { p.tx.produce(&descs[..n]) };
+        p.in_tx += sent;
+        if sent > 0 {
+            let _ = p.tx.wakeup();
+        }
+        self.free.extend_from_slice(&descs[sent..]);
+        descs.len() - sent
+    }
+
+    /// Moves completed TX frames of every port back to the free list;
+    /// returns how many.
+    pub fn complete(&mut self) -> usize {
+        let mut total = 0;
+        for p in &mut self.ports {
+            if p.in_tx == 0 {
+                continue;
+            }
+            // SAFETY: the completion ring returns frames of this UMEM the
+            // kernel has finished sending; nothing else refers to them.
+            let n = unsafe { p.comp.consume(&mut self.scratch) };
+            p.in_tx -= n;
+            self.free.extend_from_slice(&self.scratch[..n]);
+            total += n;
+            if n == 0 && p.in_tx > 0 && p.tx.needs_wakeup() {
+                let _ = p.tx.wakeup();
+            }
+        }
+        total
+    }
+
+    /// Frames still lent to the kernel for transmission.
+    pub fn in_flight(&self) -> usize {
+        self.ports.iter().map(|p| p.in_tx).sum()
+    }
+}

@@ -2,6 +2,7 @@
 
 mod control;
 mod engine;
+mod lab_demo;
 mod memory;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ enum What {
     /// The control sync path: compile + diff + publish at 1k / 10k / 50k
     /// services: initial sync, one-service add, one-endpoint removal, RSS.
     Control(control::Args),
+    /// The lab demo (root): a two-node namespace cluster, iperf3 TCP and UDP
+    /// through a ClusterIP and a NodePort via kxp, against the kernel path.
+    Lab(lab_demo::Args),
 }
 
 fn main() {
@@ -34,5 +38,6 @@ fn main() {
     match cli.what {
         What::Engine(args) => engine::run(&args),
         What::Control(args) => control::run(&args),
+        What::Lab(args) => lab_demo::run(&args),
     }
 }

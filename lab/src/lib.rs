@@ -16,8 +16,10 @@
 //!
 //! Every name carries a per-run prefix, nothing is created in the caller's
 //! namespace, and `Drop` deletes every namespace the lab made (which deletes
-//! their links too), also on panic. Pod veths have tx checksum offload off,
-//! as CNIs do for userspace dataplanes (see DESIGN.md section 4).
+//! their links too), also on panic. Every veth has tx checksum offload off:
+//! pod veths as CNIs set them up for userspace dataplanes, underlay veths
+//! because a real wire carries complete checksums (see DESIGN.md section 4).
+//! Pod MTU is 1450, leaving room for VXLAN as Flannel does.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -207,7 +209,8 @@ impl Lab {
                 host.exec(&["ip", "link", "set", &node_side, "up"])?;
                 host.exec(&["ip", "route", "add", &format!("{}/32", pod.ip), "dev", &node_side])?;
                 pod.exec(&["ip", "addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
-                pod.exec(&["ip", "link", "set", "eth0", "up"])?;
+                // Room for the VXLAN header, as Flannel sets pod MTUs.
+                pod.exec(&["ip", "link", "set", "eth0", "mtu", "1450", "up"])?;
                 pod.exec(&["ip", "route", "add", &format!("{gw}/32"), "dev", "eth0"])?;
                 pod.exec(&["ip", "route", "replace", "default", "via", &gw, "dev", "eth0"])?;
                 // Complete checksums on frames that leave the pod (see module docs).
@@ -259,6 +262,9 @@ impl Lab {
         ])?;
         host.exec(&["ip", "addr", "add", &format!("{}/24", host.ip), "dev", "eth0"])?;
         host.exec(&["ip", "link", "set", "eth0", "up"])?;
+        // A wire delivers complete checksums; a veth with tx offload on
+        // would hand on CHECKSUM_PARTIAL frames (see module docs).
+        host.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
         Ok(())
     }
 
@@ -339,6 +345,19 @@ impl Lab {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+}
+
+/// Deletes every namespace whose name starts with `prefix-` (a lab left by
+/// a killed run, or the lab of a run being interrupted).
+pub fn remove_namespaces_with_prefix(prefix: &str) {
+    let Ok(list) = run(&["ip", "netns", "list"]) else {
+        return;
+    };
+    for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if ns.starts_with(&format!("{prefix}-")) {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
     }
 }
 

@@ -170,10 +170,12 @@ impl Worker {
     /// kernel's.
     fn forward_plain(&mut self, t: &Tables, frame: &mut Frame, mut pkt: Pkt) -> Result<Verdict, DropReason> {
         let routed = match pkt.origin {
-            // A pod's packet to another pod reaches kxp when the steering
-            // program cannot tell it from a service reply (a backend answering
-            // a direct connection): kxp delivers it, as the kernel would.
-            Origin::Pod => t.remote_node(pkt.ip.dst).is_some() || t.local_pod(pkt.ip.dst).is_some(),
+            // A pod's packet that is not a service's reaches kxp when the
+            // steering program cannot tell it from a reply kxp must NAT (a
+            // backend answering a direct connection, or a flow another node
+            // NATed): kxp routes it as the kernel would, except to this node,
+            // whose stack only the kernel can reach.
+            Origin::Pod => !t.node().is_node_ip(pkt.ip.dst),
             Origin::Overlay => {
                 if t.local_pod(pkt.ip.dst).is_none() {
                     return Err(DropReason::NoRoute);

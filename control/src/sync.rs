@@ -169,6 +169,7 @@ impl Syncer {
             node.uplink_subnet = subnet;
         }
         node.gateway = facts.gateway;
+        node.host_addrs = facts.host_addrs.clone();
         if let Some(mac) = facts.vtep_mac {
             node.vxlan.vtep_mac = mac;
         }

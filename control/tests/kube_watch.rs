@@ -70,6 +70,7 @@ async fn start(policy: SyncPolicy) -> Harness {
         metrics: Arc::new(control::metrics::Metrics::new()),
         health_checks: None,
         on_publish: None,
+        host: None,
     };
     tokio::spawn(sync.run());
     Harness {

@@ -21,6 +21,9 @@
 //! because a real wire carries complete checksums (see DESIGN.md section 4).
 //! Pod MTU is 1450, leaving room for VXLAN as Flannel does.
 
+pub mod kxp;
+pub mod probe;
+
 use std::net::Ipv4Addr;
 use std::process::Command;
 
@@ -112,6 +115,17 @@ impl Host {
             .unwrap_or(false)
     }
 
+    /// Checksum errors this host's stack has counted on receive (the sum of
+    /// nstat's `*InCsumErrors`: IP, TCP, UDP, ICMP).
+    pub fn csum_errors(&self) -> Result<u64, LabError> {
+        let out = self.exec(&["nstat", "-asz"])?;
+        Ok(out
+            .lines()
+            .filter(|l| l.contains("InCsumErrors"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum())
+    }
+
     /// Runs a command inside this host's namespace.
     pub fn exec(&self, args: &[&str]) -> Result<String, LabError> {
         let mut full = vec!["ip", "netns", "exec", &self.ns];
@@ -134,8 +148,6 @@ pub struct Lab {
     pub client: Host,
     pub nodes: Vec<Node>,
 }
-
-pub mod kxp;
 
 pub const VXLAN_VNI: u32 = 1;
 pub const VXLAN_PORT: u16 = 8472;

@@ -82,6 +82,15 @@ struct {
 	__type(value, __u8);
 } node_ips SEC(".maps");
 
+/* Every address of this host's stack (node_ips and e.g. pod gateway
+ * addresses): replies to the host's own connections stay the kernel's. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u8);
+} host_addrs SEC(".maps");
+
 /* NodePorts by (port, proto): key.ip is 0. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -184,12 +193,12 @@ static __always_inline int kxps(struct xdp_md *ctx)
 			}
 		}
 		/* Replies come from a backend endpoint: to the client it was
-		 * DNATed for (never this node), or to the SNAT port range on this
+		 * DNATed for (never this host), or to the SNAT port range on this
 		 * node. The node's own connections to a backend (kubelet probes,
 		 * host processes) and the node's own servers stay the kernel's. */
 		struct l4_key b = { .ip = ip->saddr, .port = sport, .proto = l4proto };
 		if (bpf_map_lookup_elem(&backends, &b)) {
-			if (!bpf_map_lookup_elem(&node_ips, &dst))
+			if (!bpf_map_lookup_elem(&node_ips, &dst) && !bpf_map_lookup_elem(&host_addrs, &dst))
 				return 1;
 			if (cfg->snat_ip && dst == cfg->snat_ip &&
 			    in_range(dport, cfg->snat_port_lo, cfg->snat_port_hi))

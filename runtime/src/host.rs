@@ -30,6 +30,8 @@ pub struct HostFacts {
     pub uplink_ip: Option<Ipv4Addr>,
     pub uplink_subnet: Option<Cidr>,
     pub gateway: Option<Ipv4Addr>,
+    /// Every IPv4 address of this host (all interfaces).
+    pub host_addrs: Vec<Ipv4Addr>,
     /// MAC of the local VXLAN device (e.g. Flannel's `flannel.1`), which
     /// other nodes know as this node's VTEP MAC.
     pub vtep_mac: Option<Mac>,
@@ -124,15 +126,24 @@ fn arp(text: &str) -> Vec<(Ipv4Addr, Mac, &str)> {
         .collect()
 }
 
-fn first_ipv4(iface: &str) -> Option<(Ipv4Addr, u8)> {
-    let out = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "dev", iface])
+/// Every IPv4 address of this host as (interface, address, prefix length),
+/// from `ip -4 -o addr show`.
+fn addresses() -> Vec<(String, Ipv4Addr, u8)> {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
         .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let cidr = text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
-    let (ip, len) = cidr.split_once('/')?;
-    Some((ip.parse().ok()?, len.parse().ok()?))
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let at = f.iter().position(|w| *w == "inet")?;
+            let (ip, len) = f.get(at + 1)?.split_once('/')?;
+            Some((f.get(1)?.to_string(), ip.parse().ok()?, len.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Reads the kernel's view for `ports` (exactly one uplink).
@@ -159,10 +170,14 @@ pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, Host
     let arp_text = read("/proc/thread-self/net/arp")?;
     let rt = routes(&route_text);
     let neigh = arp(&arp_text);
-    let (uplink_ip, uplink_subnet) = match first_ipv4(up_name) {
-        Some((ip, len)) => (Some(ip), Some(Cidr::of(ip, len))),
+    let addrs = addresses();
+    let (uplink_ip, uplink_subnet) = match addrs.iter().find(|(dev, _, _)| dev == up_name) {
+        Some((_, ip, len)) => (Some(*ip), Some(Cidr::of(*ip, *len))),
         None => (None, None),
     };
+    let mut host_addrs: Vec<Ipv4Addr> = addrs.iter().map(|(_, ip, _)| *ip).collect();
+    host_addrs.sort();
+    host_addrs.dedup();
     let gateway = rt
         .iter()
         .find(|r| r.prefix_len == 0 && r.iface == up_name && !r.gateway.is_unspecified())
@@ -192,6 +207,7 @@ pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, Host
         uplink_ip,
         uplink_subnet,
         gateway,
+        host_addrs,
         vtep_mac: interface_mac(vxlan_device),
         local_pods,
         neighbors,

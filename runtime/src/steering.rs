@@ -176,6 +176,8 @@ impl Steering {
         self.replace("backends", be)?;
         self.replace("node_ports", nps)?;
         self.replace("node_ips", ips)?;
+        let host: HashSet<u32> = node.host_addrs.iter().map(|ip| be_ip(*ip)).collect();
+        self.replace("host_addrs", host)?;
         let mut pods: LpmTrie<&mut MapData, u32, u8> = self.map("remote_pods")?;
         let want: HashSet<(u32, u32)> = t
             .pod_routes()

@@ -175,7 +175,7 @@ impl Worker {
             // backend answering a direct connection, or a flow another node
             // NATed): kxp routes it as the kernel would, except to this node,
             // whose stack only the kernel can reach.
-            Origin::Pod => !t.node().is_node_ip(pkt.ip.dst),
+            Origin::Pod => !t.node().is_host_addr(pkt.ip.dst),
             Origin::Overlay => {
                 if t.local_pod(pkt.ip.dst).is_none() {
                     return Err(DropReason::NoRoute);

@@ -63,6 +63,10 @@ pub struct NodeConfig {
     /// Addresses NodePorts answer on (kube-proxy's `nodePortAddresses`,
     /// default all node addresses). The first is the VXLAN endpoint.
     pub node_ips: Vec<Ipv4Addr>,
+    /// Every address of this host's own stack (all interfaces, e.g. the
+    /// gateway address on pod veths a kubelet probe comes from). Packets to
+    /// them are the kernel's, never routed by kxp.
+    pub host_addrs: Vec<Ipv4Addr>,
     /// `clusterCIDR`: sources outside it are masqueraded when they reach a
     /// ClusterIP, sources inside it are "pods".
     pub cluster_cidr: Option<Cidr>,
@@ -91,6 +95,11 @@ impl NodeConfig {
         self.node_ips.contains(&ip)
     }
 
+    /// Whether `ip` belongs to this host's own stack.
+    pub fn is_host_addr(&self, ip: Ipv4Addr) -> bool {
+        self.is_node_ip(ip) || self.host_addrs.contains(&ip)
+    }
+
     pub fn in_cluster(&self, ip: Ipv4Addr) -> bool {
         self.cluster_cidr.is_some_and(|c| c.contains(ip))
     }
@@ -113,6 +122,7 @@ impl NodeConfig {
         NodeConfig {
             name: name.to_string(),
             node_ips: vec![node_ip],
+            host_addrs: Vec::new(),
             cluster_cidr: None,
             snat_ip: node_ip,
             snat_ports: (1024, 29999),

@@ -1,0 +1,410 @@
+//! Root-only: real TCP and UDP through `kxp run` (XDP steering, AF_XDP
+//! workers) in the namespace lab. Each test builds its own lab, bounds its
+//! traffic in bytes and time, and tears everything down on drop, also on
+//! failure. Every test ends by checking that no namespace's stack counted a
+//! checksum error.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lab::kxp::{write_manifests, Kxp, Svc};
+use lab::probe::{connect, Listener};
+use lab::{node_ip, pod_ip, Host, Lab};
+
+const PORT: u16 = 5201;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
+
+fn vip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 0, last)
+}
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+/// A lab with kxp on some nodes, from `services`.
+struct Cluster {
+    // Field order is drop order: kxp first, then the lab.
+    kxps: Vec<Kxp>,
+    lab: Lab,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(nodes: u8, pods: u8, kxp_on: &[u8], services: &[Svc]) -> Cluster {
+        let lab = Lab::build(nodes, pods).expect("lab builds");
+        let dir = tempfile::tempdir().unwrap();
+        write_manifests(&dir.path().join("manifests"), &lab, services).unwrap();
+        let bin = Path::new(env!("CARGO_BIN_EXE_kxp"));
+        let kxps = kxp_on
+            .iter()
+            .map(|n| {
+                let node = &lab.nodes[usize::from(*n) - 1];
+                Kxp::start(bin, node, &dir.path().join("manifests"), dir.path()).unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        let c = Cluster { kxps, lab, dir };
+        c.wait_for_neighbours();
+        c
+    }
+
+    fn pod(&self, n: u8, i: u8) -> &Host {
+        &self.lab.nodes[usize::from(n) - 1].pods[usize::from(i)]
+    }
+
+    /// kxp learns next hops and pods from the kernel once a second; wait
+    /// until every kxp has its pods (no `no_neighbor`-prone start).
+    fn wait_for_neighbours(&self) {
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+
+    /// Rewrites the manifests and waits until every kxp has applied them.
+    fn update(&self, services: &[Svc]) {
+        let before: Vec<f64> = self.kxps.iter().map(changes).collect();
+        write_manifests(&self.dir.path().join("manifests"), &self.lab, services).unwrap();
+        wait_for("kxp applied the new manifests", || {
+            self.kxps.iter().zip(&before).all(|(k, b)| changes(k) > *b)
+        });
+    }
+
+    fn assert_no_checksum_errors(&self) {
+        let mut hosts = vec![self.lab.client.clone()];
+        for n in &self.lab.nodes {
+            hosts.push(n.host.clone());
+            hosts.extend(n.pods.iter().cloned());
+        }
+        for h in hosts {
+            assert_eq!(h.csum_errors().unwrap(), 0, "{} counted checksum errors", h.ns);
+        }
+    }
+
+    fn dropped(&self, reason: &str) -> f64 {
+        let label = format!("reason=\"{reason}\"");
+        self.kxps
+            .iter()
+            .map(|k| k.metric_sum("kxp_worker_drops", &[&label]))
+            .sum()
+    }
+}
+
+/// Connections this host's stack has accepted (TCP passive opens).
+fn passive_opens(h: &Host) -> u64 {
+    let out = h.exec(&["nstat", "-asz", "TcpPassiveOpens"]).unwrap();
+    out.lines()
+        .find(|l| l.starts_with("TcpPassiveOpens"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn changes(k: &Kxp) -> f64 {
+    k.metric_sum("kubeproxy_sync_proxy_rules_service_changes_total", &[])
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn greet(from: &Host, to: SocketAddr) -> String {
+    connect(&from.ns, to, Duration::from_secs(3)).unwrap_or_else(|e| panic!("{} -> {to}: {e}", from.ns))
+}
+
+/// iperf3 servers on the given hosts, killed on drop.
+struct Iperf(Vec<std::process::Child>);
+
+impl Iperf {
+    fn serve(hosts: &[&Host]) -> Iperf {
+        let children = hosts
+            .iter()
+            .map(|h| {
+                Command::new("ip")
+                    .args(["netns", "exec", &h.ns, "iperf3", "-s", "-p", &PORT.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("iperf3 runs (deploy/setup.sh installs it)")
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        Iperf(children)
+    }
+}
+
+impl Drop for Iperf {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A bounded iperf3 run: `bytes` of TCP, or of UDP at 50 Mbit/s. Returns
+/// the bytes the server received.
+fn iperf(from: &Host, to: Ipv4Addr, port: u16, bytes: &str, udp: bool) -> f64 {
+    let port = port.to_string();
+    let to = to.to_string();
+    let mut args = vec![
+        "iperf3",
+        "-c",
+        &to,
+        "-p",
+        &port,
+        "-n",
+        bytes,
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ];
+    if udp {
+        args.extend(["-u", "-b", "50M", "-l", "1200"]);
+    }
+    let out = from
+        .exec(&args)
+        .unwrap_or_else(|e| panic!("iperf3 from {} to {to}:{port}: {e}", from.ns));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    assert!(
+        v.get("error").is_none(),
+        "iperf3 {} -> {to}:{port}: {}",
+        from.ns,
+        v["error"]
+    );
+    let end = &v["end"];
+    if udp {
+        let sum = &end["sum"];
+        let lost = sum["lost_percent"].as_f64().unwrap_or(100.0);
+        assert!(lost < 5.0, "UDP {} -> {to}:{port} lost {lost}%", from.ns);
+        sum["bytes"].as_f64().unwrap_or(0.0) * (1.0 - lost / 100.0)
+    } else {
+        // TCP is reliable and iperf3 reported no error: what was sent
+        // arrived (the receiver's byte count is sampled before the end).
+        end["sum_sent"]["bytes"].as_f64().unwrap_or(0.0)
+    }
+}
+
+#[test]
+fn clusterip_tcp_and_udp_reach_same_node_and_cross_node_backends() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let services = [
+        Svc::new("local", vip(10), PORT, &[(pod_ip(1, 0), 1)]),
+        Svc::new("remote", vip(11), PORT, &[(pod_ip(2, 0), 2)]),
+    ];
+    let c = Cluster::new(2, 2, &[1, 2], &services);
+    let _servers = Iperf::serve(&[c.pod(1, 0), c.pod(2, 0)]);
+    let client = c.pod(1, 1);
+    for (svc, what) in [(vip(10), "same-node"), (vip(11), "cross-node")] {
+        let tcp = iperf(client, svc, PORT, "2M", false);
+        assert!(tcp >= 2e6, "TCP to the {what} backend: {tcp} bytes");
+        let udp = iperf(client, svc, PORT, "1M", true);
+        assert!(udp > 0.9e6, "UDP to the {what} backend: {udp} bytes");
+    }
+    // The other node's pod reaches both through its own kxp.
+    assert!(iperf(c.pod(2, 1), vip(10), PORT, "1M", false) >= 1e6);
+    assert_eq!(c.dropped("kernel_return"), 0.0, "nothing steered to kxp was lost");
+    assert_eq!(c.dropped("tx_ring_full"), 0.0);
+    c.assert_no_checksum_errors();
+}
+
+#[test]
+fn nodeport_cluster_policy_snats_local_policy_keeps_the_client_ip() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let mut cluster_policy = Svc::new("np-cluster", vip(20), 8080, &[(pod_ip(2, 0), 2)]);
+    cluster_policy.node_port = Some(30080);
+    cluster_policy.protocols = vec!["TCP"];
+    let mut local_policy = Svc::new("np-local", vip(21), 8081, &[(pod_ip(1, 0), 1)]);
+    local_policy.node_port = Some(30081);
+    local_policy.etp_local = true;
+    local_policy.protocols = vec!["TCP"];
+    let mut external = Svc::new("ext", vip(22), 8082, &[(pod_ip(1, 1), 1)]);
+    external.external_ips = vec![Ipv4Addr::new(192, 168, 77, 50)];
+    external.protocols = vec!["TCP"];
+    let c = Cluster::new(2, 2, &[1, 2], &[cluster_policy, local_policy, external]);
+    let cross = Listener::start(&c.pod(2, 0).ns, 8080, "n2p0").unwrap();
+    let local = Listener::start(&c.pod(1, 0).ns, 8081, "n1p0").unwrap();
+    let ext = Listener::start(&c.pod(1, 1).ns, 8082, "n1p1").unwrap();
+    let client = &c.lab.client;
+
+    assert_eq!(greet(client, sa(node_ip(1), 30080)), "n2p0");
+    let seen = cross.peers()[0].ip();
+    assert_ne!(seen, CLIENT, "eTP=Cluster: the backend sees the node, not the client");
+    assert_eq!(seen, node_ip(1), "SNAT to the node that received it");
+
+    assert_eq!(greet(client, sa(node_ip(1), 30081)), "n1p0");
+    assert_eq!(local.peers()[0].ip(), CLIENT, "eTP=Local: the backend sees the client");
+    // Node 2 has no local endpoint: kube-proxy drops, so the client times out.
+    let err = connect(&client.ns, sa(node_ip(2), 30081), Duration::from_millis(1500)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+
+    // An externalIP, routed to node 1 by the client.
+    client
+        .exec(&["ip", "route", "add", "192.168.77.50/32", "via", &node_ip(1).to_string()])
+        .unwrap();
+    assert_eq!(greet(client, sa(Ipv4Addr::new(192, 168, 77, 50), 8082)), "n1p1");
+    assert_eq!(ext.peers().len(), 1);
+    c.assert_no_checksum_errors();
+}
+
+#[test]
+fn session_affinity_pins_a_client_and_without_it_connections_spread() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let backends = [(pod_ip(1, 0), 1), (pod_ip(2, 0), 2)];
+    let mut sticky = Svc::new("sticky", vip(30), 9000, &backends);
+    sticky.affinity = true;
+    sticky.protocols = vec!["TCP"];
+    let mut spread = Svc::new("spread", vip(31), 9000, &backends);
+    spread.protocols = vec!["TCP"];
+    let c = Cluster::new(2, 2, &[1, 2], &[sticky, spread]);
+    let _a = Listener::start(&c.pod(1, 0).ns, 9000, "n1p0").unwrap();
+    let _b = Listener::start(&c.pod(2, 0).ns, 9000, "n2p0").unwrap();
+    let client = c.pod(1, 1);
+    let pinned: std::collections::BTreeSet<String> = (0..16).map(|_| greet(client, sa(vip(30), 9000))).collect();
+    assert_eq!(pinned.len(), 1, "ClientIP affinity: one backend, got {pinned:?}");
+    let spread: std::collections::BTreeSet<String> = (0..32).map(|_| greet(client, sa(vip(31), 9000))).collect();
+    assert_eq!(spread.len(), 2, "no affinity: connections spread over both backends");
+    c.assert_no_checksum_errors();
+}
+
+#[test]
+fn hairpin_reaches_itself_and_a_service_without_endpoints_is_refused_at_once() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let mut hairpin = Svc::new("hairpin", vip(40), 7000, &[(pod_ip(1, 0), 1)]);
+    hairpin.protocols = vec!["TCP"];
+    let mut empty = Svc::new("empty", vip(41), 7001, &[]);
+    empty.protocols = vec!["TCP"];
+    let c = Cluster::new(1, 2, &[1], &[hairpin, empty]);
+    let me = Listener::start(&c.pod(1, 0).ns, 7000, "n1p0").unwrap();
+    assert_eq!(
+        greet(c.pod(1, 0), sa(vip(40), 7000)),
+        "n1p0",
+        "a pod reaches itself via its service"
+    );
+    assert_ne!(me.peers()[0].ip(), pod_ip(1, 0), "hairpin is masqueraded");
+    let started = Instant::now();
+    let err = connect(&c.pod(1, 1).ns, sa(vip(41), 7001), Duration::from_secs(3)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once, not timed out"
+    );
+    c.assert_no_checksum_errors();
+}
+
+#[test]
+fn the_nodes_own_traffic_is_untouched_while_kxp_runs() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let svc = Svc::new("web", vip(50), PORT, &[(pod_ip(1, 0), 1)]);
+    let c = Cluster::new(1, 1, &[1], &[svc]);
+    let node = &c.lab.nodes[0].host;
+    let client = &c.lab.client;
+    client
+        .exec(&["ping", "-c", "2", "-W", "2", &node_ip(1).to_string()])
+        .expect("ping the node");
+    // A server on the node in the SNAT port range stays the kernel's.
+    let _own = Listener::start(&node.ns, 5201, "node").unwrap();
+    assert_eq!(greet(client, sa(node_ip(1), 5201)), "node");
+    // ARP: the client resolved the node, the node resolved the client.
+    let neigh = client.exec(&["ip", "neigh", "show", &node_ip(1).to_string()]).unwrap();
+    assert!(neigh.contains("lladdr"), "client resolved the node: {neigh}");
+    // And the node's own connection to a backend pod (kubelet probes).
+    let _probe = Listener::start(&c.pod(1, 0).ns, PORT, "n1p0").unwrap();
+    assert_eq!(greet(node, sa(pod_ip(1, 0), PORT)), "n1p0");
+    assert_eq!(c.dropped("kernel_return"), 0.0);
+    c.assert_no_checksum_errors();
+}
+
+#[test]
+fn removing_a_backend_under_load_spares_other_streams_and_gets_no_new_connections() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let backends = [(pod_ip(1, 0), 1), (pod_ip(2, 0), 2)];
+    let mut svc = Svc::new("churn", vip(60), PORT, &backends);
+    svc.affinity = true; // iperf3's control and data connections on one backend
+    svc.protocols = vec!["TCP"];
+    let c = Cluster::new(2, 2, &[1, 2], std::slice::from_ref(&svc));
+    let _servers = Iperf::serve(&[c.pod(1, 0), c.pod(2, 0)]);
+    let client = c.pod(1, 1).clone();
+    let stream = std::thread::spawn(move || {
+        let out = client.exec(&["iperf3", "-c", &vip(60).to_string(), "-p", "5201", "-t", "4", "-J"]);
+        out.map(|o| serde_json::from_str::<serde_json::Value>(&o).unwrap())
+    });
+    // Find the backend carrying the stream; remove the other one.
+    let mut carrying = None;
+    wait_for("the stream's backend", || {
+        carrying = [(1u8, 0u8), (2, 0)].into_iter().find(|(n, i)| {
+            c.pod(*n, *i)
+                .exec(&["ss", "-Htn", "state", "established", "( sport = :5201 )"])
+                .is_ok_and(|o| o.lines().count() >= 2)
+        });
+        carrying.is_some()
+    });
+    let (keep_node, _) = carrying.unwrap();
+    let removed = if keep_node == 1 { pod_ip(2, 0) } else { pod_ip(1, 0) };
+    let mut smaller = svc.clone();
+    smaller.endpoints.retain(|(ip, _)| *ip != removed);
+    c.update(&[smaller]);
+    let result = stream.join().unwrap().expect("iperf3 ran");
+    assert!(result.get("error").is_none(), "stream disturbed: {}", result["error"]);
+    assert!(result["end"]["sum_sent"]["bytes"].as_f64().unwrap() > 1e6);
+    // New connections, from clients on both nodes, never reach it.
+    let gone = c.pod(if removed == pod_ip(1, 0) { 1 } else { 2 }, 0);
+    let opens_before = passive_opens(gone);
+    for from in [c.pod(1, 1), c.pod(2, 1)] {
+        for _ in 0..10 {
+            // iperf3 does not greet; the handshake is what counts.
+            let _ = connect(&from.ns, sa(vip(60), PORT), Duration::from_millis(300));
+        }
+    }
+    assert_eq!(
+        passive_opens(gone),
+        opens_before,
+        "a removed backend got new connections"
+    );
+    c.assert_no_checksum_errors();
+}
+
+#[test]
+fn a_kernel_vxlan_node_and_a_kxp_node_exchange_pod_traffic_both_ways() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    // kxp on node 1 only; node 2's overlay is Linux's own VXLAN device.
+    let svc = Svc::new("on-kernel-node", vip(70), 7200, &[(pod_ip(2, 0), 2)]);
+    let c = Cluster::new(2, 2, &[1], &[svc]);
+    let (a, b) = (c.pod(1, 0), c.pod(2, 0));
+    let _la = Listener::start(&a.ns, 7300, "n1p0").unwrap();
+    let _lb = Listener::start(&b.ns, 7300, "n2p0").unwrap();
+    assert_eq!(greet(a, sa(b.ip, 7300)), "n2p0", "kxp encap -> kernel decap");
+    assert_eq!(greet(b, sa(a.ip, 7300)), "n1p0", "kernel encap -> kxp decap");
+    a.exec(&["ping", "-c", "2", "-W", "2", &b.ip.to_string()])
+        .expect("ping kxp -> kernel");
+    b.exec(&["ping", "-c", "2", "-W", "2", &a.ip.to_string()])
+        .expect("ping kernel -> kxp");
+    let _svc = Listener::start(&b.ns, 7200, "n2p0-svc").unwrap();
+    assert_eq!(
+        greet(c.pod(1, 1), sa(vip(70), 7200)),
+        "n2p0-svc",
+        "ClusterIP to a kernel node's pod"
+    );
+    let stats = c.kxps[0].metric_sum("kxp_worker_packets", &["direction=\"tx\""]);
+    assert!(stats > 0.0, "the traffic went through kxp");
+    c.assert_no_checksum_errors();
+}

@@ -1,0 +1,103 @@
+//! Small TCP probes for tests: a listener inside a namespace that greets
+//! each connection with its own name and remembers who connected (so a
+//! test sees which backend answered and which source address it saw), and
+//! a connect from inside a namespace that returns the greeting.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::LabError;
+
+/// A TCP listener running in a namespace until dropped.
+pub struct Listener {
+    pub name: String,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Listens on `0.0.0.0:port` in namespace `ns`, greeting with `name`.
+    pub fn start(ns: &str, port: u16, name: &str) -> Result<Listener, LabError> {
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| LabError::Enter {
+            ns: ns.to_string(),
+            reason: e.to_string(),
+        })?;
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s, greeting) = (peers.clone(), stop.clone(), format!("{name}\n"));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let bound = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| e.to_string())
+                .and_then(|_| TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string()))
+                .and_then(|l| l.set_nonblocking(true).map(|_| l).map_err(|e| e.to_string()));
+            let listener = match bound {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, peer)) => {
+                        p.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.write_all(greeting.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        let ready = ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        let listener = Listener {
+            name: name.to_string(),
+            peers,
+            stop,
+            thread: Some(thread),
+        };
+        ready.map_err(|reason| LabError::Enter {
+            ns: ns.to_string(),
+            reason: format!("listen on port {port}: {reason}"),
+        })?;
+        Ok(listener)
+    }
+
+    /// Source addresses of the connections accepted so far.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from namespace `ns` to `to` and returns the listener's
+/// greeting (its name), or the error (refused, timed out...).
+pub fn connect(ns: &str, to: SocketAddr, timeout: Duration) -> Result<String, std::io::Error> {
+    crate::in_namespace(ns, move || {
+        let mut s = TcpStream::connect_timeout(&to, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut greeting = String::new();
+        s.read_to_string(&mut greeting)?;
+        Ok(greeting.trim().to_string())
+    })
+    .map_err(|e| std::io::Error::other(e.to_string()))?
+}

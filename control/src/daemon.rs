@@ -91,38 +91,15 @@ pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
     })
 }
 
-/// Reads the kernel's facts each time it is called, and asks the kernel to
-/// resolve the next hops the tables need that it has not resolved yet.
+/// Reads the kernel's facts each time it is called (and asks the kernel
+/// to resolve the next hops the tables need).
 fn host_observer(ports: Vec<PortSpec>, vxlan_device: String) -> HostObserver {
-    Box::new(move |t: &Tables| {
-        let facts = match host::observe(&ports, &vxlan_device) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the kernel's interfaces and neighbours");
-                return None;
-            }
-        };
-        let uplink = &ports[usize::from(facts.uplink.0)].name;
-        let subnet = facts.uplink_subnet;
-        let next_hop = |ip: Ipv4Addr| match subnet {
-            Some(s) if s.contains(ip) => Some(ip),
-            _ => facts.gateway,
-        };
-        let mut wanted: Vec<Ipv4Addr> = t.pod_routes().filter_map(|(_, n)| next_hop(n.node_ip)).collect();
-        wanted.extend(facts.gateway);
-        wanted.sort();
-        wanted.dedup();
-        for ip in wanted.into_iter().filter(|ip| !facts.neighbors.contains_key(ip)) {
-            if let Err(e) = host::keep_resolved(ip, uplink) {
-                tracing::warn!(%ip, dev = %uplink, error = %e, "cannot ask the kernel to resolve a next hop");
-            }
+    Box::new(move |t: &Tables| match host::observe_for(&ports, &vxlan_device, t) {
+        Ok(facts) => Some(facts),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the kernel's interfaces and neighbours");
+            None
         }
-        for (ip, dev) in host::unresolved_pods(&ports).unwrap_or_default() {
-            if let Err(e) = host::keep_resolved(ip, &dev) {
-                tracing::warn!(%ip, %dev, error = %e, "cannot ask the kernel to resolve a pod");
-            }
-        }
-        Some(facts)
     })
 }
 

@@ -88,6 +88,10 @@ impl SyncLoop {
         let mut health_ports: BTreeMap<String, u16> = BTreeMap::new();
         let mut host_tick = tokio::time::interval(HOST_EVERY);
         host_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The kernel's facts before the first sync: once healthy, kxp knows
+        // its ports, pods and next hops.
+        host_tick.tick().await;
+        self.refresh_host();
         loop {
             let next_full = last_full.map_or(Duration::ZERO, |t| self.policy.full_every.saturating_sub(t.elapsed()));
             tokio::select! {
@@ -128,6 +132,10 @@ impl SyncLoop {
                 Ok((report, kind)) => {
                     if let (Some(hook), Some(_)) = (self.on_publish.as_mut(), report.published) {
                         hook(&self.syncer.publisher().reader().load());
+                    }
+                    if report.published.is_some() {
+                        // New remote nodes need their next hops resolved now.
+                        self.refresh_host();
                     }
                     if let Some(hc) = self.health_checks.as_mut() {
                         let want = health_check_wants(

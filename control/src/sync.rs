@@ -156,46 +156,8 @@ impl Syncer {
         if self.live_host.as_ref() == Some(&facts) {
             return None;
         }
-        let old = self.live_host.take().unwrap_or_else(|| HostFacts {
-            local_pods: Default::default(),
-            neighbors: Default::default(),
-            ..facts.clone()
-        });
         let mut draft = self.publisher.draft();
-        let mut node = draft.node().clone();
-        node.ports = facts.ports.clone();
-        node.uplink = facts.uplink;
-        if let Some(subnet) = facts.uplink_subnet {
-            node.uplink_subnet = subnet;
-        }
-        node.gateway = facts.gateway;
-        node.host_addrs = facts.host_addrs.clone();
-        if let Some(mac) = facts.vtep_mac {
-            node.vxlan.vtep_mac = mac;
-        }
-        if node.node_ips.is_empty() {
-            if let Some(ip) = facts.uplink_ip {
-                node.node_ips = vec![ip];
-                node.snat_ip = ip;
-            }
-        }
-        draft.set_node(node);
-        for ip in old.local_pods.keys().filter(|ip| !facts.local_pods.contains_key(ip)) {
-            draft.remove_local_pod(*ip);
-        }
-        for (ip, pod) in &facts.local_pods {
-            if old.local_pods.get(ip) != Some(pod) {
-                draft.set_local_pod(*ip, *pod);
-            }
-        }
-        for ip in old.neighbors.keys().filter(|ip| !facts.neighbors.contains_key(ip)) {
-            draft.remove_neighbor(*ip);
-        }
-        for (ip, mac) in &facts.neighbors {
-            if old.neighbors.get(ip) != Some(mac) {
-                draft.set_neighbor(*ip, *mac);
-            }
-        }
+        runtime::host::apply(&mut draft, self.live_host.as_ref(), &facts);
         self.live_host = Some(facts);
         Some(self.publisher.publish(draft))
     }

@@ -45,19 +45,11 @@ impl Cluster {
                 Kxp::start(bin, node, &dir.path().join("manifests"), dir.path()).unwrap_or_else(|e| panic!("{e}"))
             })
             .collect();
-        let c = Cluster { kxps, lab, dir };
-        c.wait_for_neighbours();
-        c
+        Cluster { kxps, lab, dir }
     }
 
     fn pod(&self, n: u8, i: u8) -> &Host {
         &self.lab.nodes[usize::from(n) - 1].pods[usize::from(i)]
-    }
-
-    /// kxp learns next hops and pods from the kernel once a second; wait
-    /// until every kxp has its pods (no `no_neighbor`-prone start).
-    fn wait_for_neighbours(&self) {
-        std::thread::sleep(Duration::from_millis(1500));
     }
 
     /// Rewrites the manifests and waits until every kxp has applied them.

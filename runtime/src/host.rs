@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use dataplane::addr::{Cidr, Mac, PortId};
-use dataplane::tables::{LocalPod, PortInfo, PortRole};
+use dataplane::tables::{LocalPod, PortInfo, PortRole, Tables};
 
 /// One interface kxp serves, in `PortId` order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,8 +214,95 @@ pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, Host
     })
 }
 
+/// `observe`, then asks the kernel to resolve what the tables need and it
+/// has not resolved yet: the uplink next hop of every remote node, the
+/// gateway, and every local pod. Such requests are logged and retried on
+/// the next call; the facts returned are what the kernel knows now.
+pub fn observe_for(ports: &[PortSpec], vxlan_device: &str, t: &Tables) -> Result<HostFacts, HostError> {
+    let facts = observe(ports, vxlan_device)?;
+    if request_missing(ports, &facts, t)? {
+        // ARP on a LAN answers within milliseconds: look again, so a new
+        // pod or next hop is usable now rather than at the next call.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        return observe(ports, vxlan_device);
+    }
+    Ok(facts)
+}
+
+/// Asks for what `observe_for` wants resolved; true if anything was asked.
+fn request_missing(ports: &[PortSpec], facts: &HostFacts, t: &Tables) -> Result<bool, HostError> {
+    let mut asked = false;
+    let uplink = &ports[usize::from(facts.uplink.0)].name;
+    let next_hop = |ip: Ipv4Addr| match facts.uplink_subnet {
+        Some(s) if s.contains(ip) => Some(ip),
+        _ => facts.gateway,
+    };
+    let mut wanted: Vec<Ipv4Addr> = t.pod_routes().filter_map(|(_, n)| next_hop(n.node_ip)).collect();
+    wanted.extend(facts.gateway);
+    wanted.sort();
+    wanted.dedup();
+    for ip in wanted.into_iter().filter(|ip| !facts.neighbors.contains_key(ip)) {
+        asked = true;
+        if let Err(e) = keep_resolved(ip, uplink) {
+            tracing::warn!(%ip, dev = %uplink, error = %e, "cannot ask the kernel to resolve a next hop");
+        }
+    }
+    for (ip, dev) in unresolved_pods(ports)? {
+        asked = true;
+        if let Err(e) = keep_resolved(ip, &dev) {
+            tracing::warn!(%ip, %dev, error = %e, "cannot ask the kernel to resolve a pod");
+        }
+    }
+    Ok(asked)
+}
+
+/// Writes `new` into the tables, changing only what differs from `old`
+/// (the facts applied last; `None` at first). Node addresses from Node
+/// objects win: the uplink's address is used only when there are none
+/// (manifests without Node objects).
+pub fn apply(t: &mut Tables, old: Option<&HostFacts>, new: &HostFacts) {
+    let mut node = t.node().clone();
+    node.ports = new.ports.clone();
+    node.uplink = new.uplink;
+    if let Some(subnet) = new.uplink_subnet {
+        node.uplink_subnet = subnet;
+    }
+    node.gateway = new.gateway;
+    node.host_addrs = new.host_addrs.clone();
+    if let Some(mac) = new.vtep_mac {
+        node.vxlan.vtep_mac = mac;
+    }
+    if node.node_ips.is_empty() {
+        if let Some(ip) = new.uplink_ip {
+            node.node_ips = vec![ip];
+            node.snat_ip = ip;
+        }
+    }
+    t.set_node(node);
+    let empty = BTreeMap::new();
+    let old_pods = old.map_or(&empty, |o| &o.local_pods);
+    for ip in old_pods.keys().filter(|ip| !new.local_pods.contains_key(ip)) {
+        t.remove_local_pod(*ip);
+    }
+    for (ip, pod) in &new.local_pods {
+        if old_pods.get(ip) != Some(pod) {
+            t.set_local_pod(*ip, *pod);
+        }
+    }
+    let empty = BTreeMap::new();
+    let old_neigh = old.map_or(&empty, |o| &o.neighbors);
+    for ip in old_neigh.keys().filter(|ip| !new.neighbors.contains_key(ip)) {
+        t.remove_neighbor(*ip);
+    }
+    for (ip, mac) in &new.neighbors {
+        if old_neigh.get(ip) != Some(mac) {
+            t.set_neighbor(*ip, *mac);
+        }
+    }
+}
+
 /// Pods routed through pod ports whose MAC the kernel has not resolved yet.
-pub fn unresolved_pods(ports: &[PortSpec]) -> Result<Vec<(Ipv4Addr, String)>, HostError> {
+fn unresolved_pods(ports: &[PortSpec]) -> Result<Vec<(Ipv4Addr, String)>, HostError> {
     let route_text = read("/proc/thread-self/net/route")?;
     let arp_text = read("/proc/thread-self/net/arp")?;
     let neigh = arp(&arp_text);
@@ -232,7 +319,7 @@ pub fn unresolved_pods(ports: &[PortSpec]) -> Result<Vec<(Ipv4Addr, String)>, Ho
 /// managed neighbour entry): the kernel sends the ARP requests, kxp only
 /// reads the answer. Errors are returned for logging; a failed request is
 /// retried on the next observation.
-pub fn keep_resolved(ip: Ipv4Addr, dev: &str) -> Result<(), String> {
+fn keep_resolved(ip: Ipv4Addr, dev: &str) -> Result<(), String> {
     let out = std::process::Command::new("ip")
         .args([
             "-4",

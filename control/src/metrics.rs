@@ -121,7 +121,7 @@ impl Metrics {
         );
         registry.register(
             "kxp_worker_drops",
-            "Packets dropped per worker by reason (engine reasons, tx_ring_full, kernel_return)",
+            "Packets dropped per worker by reason: the engine's, tx_ring_full, kernel_return, and the kernel's xsk_* counters",
             m.worker_drops.clone(),
         );
         registry.register(
@@ -172,6 +172,15 @@ impl Metrics {
             self.worker_drops
                 .get_or_create(&l("reason", "kernel_return"))
                 .set(r.runtime.kernel_return_dropped as i64);
+            let k = r.kernel;
+            for (reason, n) in [
+                ("xsk_rx_dropped", k.rx_dropped),
+                ("xsk_rx_ring_full", k.rx_ring_full),
+                ("xsk_fill_ring_empty", k.fill_ring_empty),
+                ("xsk_invalid_descs", k.invalid_descs),
+            ] {
+                self.worker_drops.get_or_create(&l("reason", reason)).set(n as i64);
+            }
             for (name, q) in [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99), ("0.999", 0.999), ("1", 1.0)] {
                 self.worker_latency
                     .get_or_create(&l("quantile", name))

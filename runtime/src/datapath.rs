@@ -10,7 +10,7 @@ use dataplane::tables::{PortRole, Tables};
 use dataplane::Reader;
 use hdrhistogram::Histogram;
 
-use crate::host::PortSpec;
+use crate::host::{self, PortSpec};
 use crate::steering::{Steering, SteeringError, SteeringStats};
 use crate::worker::{self, WorkerHandle, WorkerReport, WorkerSpec};
 use crate::xsk::{RingSizes, XskError, XskSet};
@@ -66,37 +66,19 @@ pub fn preflight(cfg: &DatapathConfig) -> Result<(), DatapathError> {
         return Err(DatapathError::NotRoot);
     }
     for p in &cfg.ports {
-        let dir = format!("/sys/class/net/{}", p.name);
-        if !std::path::Path::new(&dir).exists() {
-            return Err(DatapathError::NoInterface(p.name.clone()));
-        }
-        if xdp_attached(&p.name) {
+        let link = host::link_info(&p.name).ok_or_else(|| DatapathError::NoInterface(p.name.clone()))?;
+        if link.xdp_attached {
             return Err(DatapathError::XdpBusy(p.name.clone()));
         }
-        let have = std::fs::read_dir(format!("{dir}/queues"))
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                    .count() as u32
-            })
-            .unwrap_or(1);
-        if have < cfg.queues {
+        if link.rx_queues < cfg.queues {
             return Err(DatapathError::Queues {
                 iface: p.name.clone(),
-                have,
+                have: link.rx_queues,
                 want: cfg.queues,
             });
         }
     }
     Ok(())
-}
-
-fn xdp_attached(iface: &str) -> bool {
-    std::process::Command::new("ip")
-        .args(["-d", "link", "show", "dev", iface])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
-        .unwrap_or(false)
 }
 
 impl Datapath {

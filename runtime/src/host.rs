@@ -4,8 +4,8 @@
 //! results and asks the kernel to keep the next hops it needs resolved
 //! ("managed" neighbour entries, Linux 5.16+), never answering ARP itself.
 //!
-//! Read from /proc/thread-self/net (the calling thread's network
-//! namespace) and /sys/class/net.
+//! Read from /proc/thread-self/net and with `ip` (netlink), both of which
+//! follow the calling thread's network namespace.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -71,11 +71,35 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
     parts.next().is_none().then_some(Mac(m))
 }
 
-/// The interface's MAC, or `None` when it does not exist.
-pub fn interface_mac(name: &str) -> Option<Mac> {
-    std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
-        .ok()
-        .and_then(|s| parse_mac(&s))
+/// What kxp needs to know about one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub mac: Mac,
+    pub rx_queues: u32,
+    pub xdp_attached: bool,
+}
+
+/// The interface in the calling thread's network namespace, or `None` when
+/// it does not exist there. Read with `ip -d link` (netlink) rather than
+/// /sys/class/net, which shows the namespace sysfs was mounted in.
+pub fn link_info(name: &str) -> Option<LinkInfo> {
+    let out = std::process::Command::new("ip")
+        .args(["-d", "-o", "link", "show", "dev", name])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1));
+    Some(LinkInfo {
+        mac: after("link/ether").and_then(|m| parse_mac(m)).unwrap_or_default(),
+        rx_queues: after("numrxqueues").and_then(|n| n.parse().ok()).unwrap_or(1),
+        xdp_attached: words
+            .iter()
+            .any(|w| w.starts_with("prog/xdp") || *w == "xdp" || *w == "xdpgeneric"),
+    })
 }
 
 /// One line of /proc/net/route (IPv4 FIB main table).
@@ -157,7 +181,9 @@ pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, Host
     let uplink = PortId(uplinks[0] as u16);
     let mut infos = Vec::with_capacity(ports.len());
     for p in ports {
-        let mac = interface_mac(&p.name).ok_or_else(|| HostError::NoInterface(p.name.clone()))?;
+        let mac = link_info(&p.name)
+            .ok_or_else(|| HostError::NoInterface(p.name.clone()))?
+            .mac;
         infos.push(PortInfo {
             name: p.name.clone(),
             mac,
@@ -208,7 +234,7 @@ pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, Host
         uplink_subnet,
         gateway,
         host_addrs,
-        vtep_mac: interface_mac(vxlan_device),
+        vtep_mac: link_info(vxlan_device).map(|l| l.mac),
         local_pods,
         neighbors,
     })

@@ -23,7 +23,7 @@ use hdrhistogram::Histogram;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use xsk_rs::FrameDesc;
 
-use crate::xsk::{FrameAccount, XskSet};
+use crate::xsk::{FrameAccount, KernelDrops, XskSet};
 
 const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// Empty polls of the rings before the worker sleeps in poll(2).
@@ -55,6 +55,8 @@ pub struct WorkerReport {
     /// Nanoseconds from RX to TX submit, one sample per packet.
     pub latency: Histogram<u64>,
     pub frames: FrameAccount,
+    /// The kernel's side: frames it could not give this worker.
+    pub kernel: KernelDrops,
     pub running: bool,
 }
 
@@ -67,6 +69,7 @@ impl WorkerReport {
             runtime: RuntimeCounters::default(),
             latency: new_histogram(),
             frames: FrameAccount::default(),
+            kernel: KernelDrops::default(),
             running: true,
         }
     }
@@ -236,6 +239,7 @@ fn publish(
     let _ = r.latency.add(&*latency);
     latency.reset();
     r.frames = set.account();
+    r.kernel = set.kernel_drops();
     r.running = running;
 }
 

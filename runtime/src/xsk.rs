@@ -66,6 +66,19 @@ impl FrameAccount {
     }
 }
 
+/// Frames the kernel could not hand to kxp (or take from it), by cause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelDrops {
+    /// Dropped on receive (the socket's `rx_dropped`).
+    pub rx_dropped: u64,
+    /// The RX ring was full: kxp fell behind.
+    pub rx_ring_full: u64,
+    /// A frame arrived with no buffer on the fill ring.
+    pub fill_ring_empty: u64,
+    /// Descriptors the kernel rejected: a bug in kxp if ever non-zero.
+    pub invalid_descs: u64,
+}
+
 pub struct Port {
     pub tx: TxQueue,
     pub rx: RxQueue,
@@ -277,6 +290,21 @@ impl XskSet {
             }
         }
         total
+    }
+
+    /// The kernel's drop counters for these sockets, summed (one
+    /// getsockopt per port: call it at report time, not per batch).
+    pub fn kernel_drops(&self) -> KernelDrops {
+        let mut d = KernelDrops::default();
+        for p in &self.ports {
+            if let Ok(s) = p.rx.fd().xdp_statistics() {
+                d.rx_dropped += s.rx_dropped();
+                d.rx_ring_full += s.rx_ring_full();
+                d.fill_ring_empty += s.rx_fill_ring_empty_descs();
+                d.invalid_descs += s.rx_invalid_descs() + s.tx_invalid_descs();
+            }
+        }
+        d
     }
 
     /// Frames still lent to the kernel for transmission.

@@ -1,0 +1,147 @@
+//! Root-only: the datapath on a lab node with deliberately tiny rings, so
+//! a UDP flood through a ClusterIP overflows them. Every UMEM frame must
+//! still be accounted for while it runs and after shutdown, and packets
+//! must actually have gone through the workers.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataplane::addr::{BackendAddr, Endpoint, Mac, Proto, SvcId};
+use dataplane::flow::{CtConfig, FlowState};
+use dataplane::tables::{EndpointInfo, NodeConfig, PortRole, ServiceSpec, Tables};
+use dataplane::Publisher;
+use lab::{node_ip, pod_ip, Lab};
+use runtime::host::{self, PortSpec};
+use runtime::xsk::RingSizes;
+use runtime::{Datapath, DatapathConfig};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn ports() -> Vec<PortSpec> {
+    let p = |name: &str, role| PortSpec {
+        name: name.into(),
+        role,
+    };
+    vec![
+        p("eth0", PortRole::Uplink),
+        p("vp1_0", PortRole::Pod),
+        p("vp1_1", PortRole::Pod),
+    ]
+}
+
+fn tables() -> Tables {
+    let mut t = Tables::new(NodeConfig::single_uplink(
+        "n1",
+        node_ip(1),
+        "192.168.77.0/24".parse().unwrap(),
+        Mac::default(),
+    ));
+    let facts = host::observe_for(&ports(), "flannel.1", &t).expect("kernel facts");
+    assert_eq!(facts.local_pods.len(), 2, "both pods resolved: {facts:?}");
+    host::apply(&mut t, None, &facts);
+    // iperf3 needs TCP for its control connection, UDP for the flood.
+    for (id, proto) in [(1, Proto::Tcp), (2, Proto::Udp)] {
+        let mut s = ServiceSpec::cluster_ip(SvcId(id), "lab/flood", VIP, 5201, proto);
+        s.endpoints.push(EndpointInfo {
+            addr: BackendAddr(Endpoint::new(pod_ip(1, 0), 5201)),
+            ready: true,
+            serving: true,
+            terminating: false,
+            local: true,
+        });
+        t.upsert_service(&s).unwrap();
+    }
+    t
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    c
+}
+
+#[test]
+fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let lab = Lab::build(1, 2).expect("lab builds");
+    let (server_ns, client_ns) = (lab.nodes[0].pods[0].ns.clone(), lab.nodes[0].pods[1].ns.clone());
+    let mut server = in_ns(&server_ns, &["iperf3", "-s", "-p", "5201", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 runs");
+    std::thread::sleep(Duration::from_millis(300));
+    let node = lab.nodes[0].host.ns.clone();
+    let (during, after) = lab::in_namespace(&node, move || {
+        let publisher = Publisher::new(tables());
+        let cfg = DatapathConfig {
+            ports: ports(),
+            queues: 1,
+            cores: vec![0],
+            // Tiny rings: a flood overflows them.
+            rings: RingSizes {
+                rx: 64,
+                tx: 64,
+                fill: 64,
+                comp: 64,
+            },
+            batch: 64,
+            zero_copy: false,
+        };
+        let flows = Arc::new(FlowState::new(CtConfig::default()));
+        let dp = Datapath::start(&cfg, publisher.reader(), flows).expect("datapath starts");
+        let flood = in_ns(
+            &client_ns,
+            &[
+                "iperf3",
+                "-c",
+                &VIP.to_string(),
+                "-p",
+                "5201",
+                "-u",
+                "-b",
+                "2G",
+                "-l",
+                "1200",
+                "-t",
+                "2",
+            ],
+        )
+        .output()
+        .expect("iperf3 client runs");
+        assert!(flood.status.success(), "{}", String::from_utf8_lossy(&flood.stderr));
+        std::thread::sleep(Duration::from_millis(200)); // one report period
+        let during = dp.reports();
+        (during, dp.stop())
+    })
+    .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let w = &during[0];
+    assert!(
+        w.stats.tx_packets > 1000,
+        "the flood went through the worker: {:?}",
+        w.stats
+    );
+    assert!(w.frames.balanced(), "while running: {:?}", w.frames);
+    let last = &after[0];
+    assert!(!last.running);
+    assert!(last.frames.balanced(), "after shutdown: {:?}", last.frames);
+    assert_eq!(last.frames.in_tx, 0, "TX rings drained on shutdown");
+    assert_eq!(last.runtime.kernel_return_dropped, 0);
+    assert!(last.latency.len() > 0, "latency recorded per packet");
+    let k = last.kernel;
+    assert!(
+        k.rx_ring_full + k.fill_ring_empty + k.rx_dropped > 0,
+        "the flood overflowed the tiny rings: {k:?}"
+    );
+    assert_eq!(k.invalid_descs, 0, "kxp never gave the kernel a bad descriptor");
+    eprintln!(
+        "flood: {} rx, {} tx, {} dropped on full TX rings; kernel {:?}; frames {:?}",
+        last.stats.rx_packets, last.stats.tx_packets, last.runtime.tx_ring_full, last.kernel, last.frames
+    );
+}

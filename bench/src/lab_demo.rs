@@ -1,16 +1,25 @@
 //! The lab demo, kxp's main job end to end: a two-node namespace cluster,
-//! iperf3 TCP and UDP through a ClusterIP (same-node and cross-node
-//! backend) and a NodePort, first over the kernel path (pod IPs, kernel
-//! routing and VXLAN: the baseline), then through kxp; prints throughput,
-//! the ratio, and each worker's RX->TX latency percentiles. Tears the lab
-//! down on exit, failure or Ctrl-C.
+//! and iperf3 TCP and UDP through a ClusterIP (same-node and cross-node
+//! backend) and a NodePort, three ways in one run:
+//!
+//! 1. **kernel, no NAT**: straight to the pod IP (kernel routing and VXLAN),
+//!    the ceiling of the kernel path;
+//! 2. **kube-proxy**: the same service addresses served by iptables DNAT and
+//!    MASQUERADE rules of the shape kube-proxy programs, the anchor;
+//! 3. **kxp**: `kxp run` on both nodes from a manifest directory.
+//!
+//! Prints throughput, kxp/kube-proxy ratios, CPU time per gigabyte
+//! delivered (all cores, from /proc/stat: on veths the forwarding work runs
+//! in the sender's CPU time, so throughput alone hides cost), and each kxp
+//! worker's RX->TX latency percentiles. Tears the lab down on exit, failure
+//! or Ctrl-C.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use lab::kxp::{sibling_binary, write_manifests, Kxp, Svc};
+use lab::kxp::{metric_sum, sibling_binary, write_manifests, Kxp, Svc};
 use lab::{node_ip, pod_ip, Host, Lab};
 
 #[derive(clap::Args, Debug)]
@@ -33,6 +42,7 @@ pub struct Args {
 const PREFIX: &str = "kxpdemo";
 const IPERF_PORT: u16 = 5201;
 const NODE_PORT: u16 = 30201;
+const POD_CIDR: &str = "10.77.0.0/16";
 
 /// iperf3 servers, killed on drop.
 struct Servers(Vec<Child>);
@@ -54,14 +64,40 @@ fn iperf_server(h: &Host) -> std::io::Result<Child> {
         .spawn()
 }
 
+/// One iperf3 run's outcome.
 #[derive(Clone, Copy, Debug, Default)]
-struct Result3 {
+struct Run {
     gbps: f64,
     lost_pct: Option<f64>,
+    /// CPU seconds (all cores) per gigabyte delivered.
+    cpu_s_per_gb: f64,
+}
+
+/// Busy and total jiffies over all CPUs (/proc/stat's first line).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn clock_ticks() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
 }
 
 /// One iperf3 client run from `from` to `to:port`; TCP unless `udp_rate`.
-fn iperf(from: &Host, to: Ipv4Addr, port: u16, secs: u32, udp_rate: Option<&str>) -> Result<Result3, String> {
+fn iperf(from: &Host, to: Ipv4Addr, port: u16, secs: u32, udp_rate: Option<&str>) -> Result<Run, String> {
     let mut args = vec![
         "iperf3".to_string(),
         "-c".into(),
@@ -78,33 +114,44 @@ fn iperf(from: &Host, to: Ipv4Addr, port: u16, secs: u32, udp_rate: Option<&str>
         args.extend(["-u", "-b", rate, "-l", "1400"].map(String::from));
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (busy0, _) = cpu_jiffies();
     let out = from.exec(&argv).map_err(|e| e.to_string())?;
+    let (busy1, _) = cpu_jiffies();
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("iperf3 output: {e}"))?;
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
         return Err(format!("iperf3: {err}"));
     }
     let end = &v["end"];
-    Ok(if udp_rate.is_some() {
-        Result3 {
-            gbps: end["sum"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
-            lost_pct: end["sum"]["lost_percent"].as_f64(),
-        }
+    let (gbps, lost_pct, bytes) = if udp_rate.is_some() {
+        let lost = end["sum"]["lost_percent"].as_f64();
+        let sent = end["sum"]["bytes"].as_f64().unwrap_or(0.0);
+        (
+            end["sum"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9 * (1.0 - lost.unwrap_or(0.0) / 100.0),
+            lost,
+            sent * (1.0 - lost.unwrap_or(0.0) / 100.0),
+        )
     } else {
-        Result3 {
-            gbps: end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
-            lost_pct: None,
-        }
+        (
+            end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9,
+            None,
+            end["sum_received"]["bytes"].as_f64().unwrap_or(0.0),
+        )
+    };
+    let cpu_s = (busy1 - busy0) as f64 / clock_ticks();
+    Ok(Run {
+        gbps,
+        lost_pct,
+        cpu_s_per_gb: if bytes > 0.0 { cpu_s / (bytes / 1e9) } else { 0.0 },
     })
 }
 
-/// One measured path: how the client reaches the backend through kxp, and
-/// the same backend over the kernel path.
+/// One measured path: the client, the service address it uses (kube-proxy
+/// and kxp), and the backend's own address (kernel, no NAT).
 struct Path {
     name: &'static str,
     client: Host,
-    via_kxp: Ipv4Addr,
-    via_kxp_port: u16,
-    kernel: Ipv4Addr,
+    service: (Ipv4Addr, u16),
+    backend: Ipv4Addr,
     udp: bool,
 }
 
@@ -113,6 +160,73 @@ pub fn run(args: &Args) {
         eprintln!("lab demo failed: {e}");
         std::process::exit(1);
     }
+}
+
+/// kube-proxy's shape of the same services in `node`'s namespace: DNAT in
+/// PREROUTING for ClusterIPs and the NodePort, MASQUERADE for DNATed
+/// traffic from outside the pod network (eTP=Cluster).
+fn iptables_rules(node: &Host, services: &[Svc]) -> Result<(), String> {
+    let ipt = |rule: Vec<String>| -> Result<(), String> {
+        let mut argv = vec![
+            "iptables".to_string(),
+            "-w".into(),
+            "-t".into(),
+            "nat".into(),
+            "-A".into(),
+        ];
+        argv.extend(rule);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        node.exec(&argv)
+            .map(|_| ())
+            .map_err(|e| format!("{e} (deploy/setup.sh installs iptables)"))
+    };
+    for s in services {
+        let (ep, _) = s.endpoints[0];
+        let to = format!("{ep}:{}", s.target_port);
+        for proto in &s.protocols {
+            let proto = proto.to_lowercase();
+            let mut dests = vec![(s.cluster_ip.to_string(), s.port)];
+            if let Some(np) = s.node_port {
+                dests.push((node.ip.to_string(), np));
+            }
+            for (dst, port) in dests {
+                ipt([
+                    "PREROUTING",
+                    "-d",
+                    &dst,
+                    "-p",
+                    &proto,
+                    "--dport",
+                    &port.to_string(),
+                    "-j",
+                    "DNAT",
+                ]
+                .into_iter()
+                .map(String::from)
+                .chain(["--to-destination".to_string(), to.clone()])
+                .collect())?;
+            }
+        }
+    }
+    ipt([
+        "POSTROUTING",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "!",
+        "-s",
+        POD_CIDR,
+        "-j",
+        "MASQUERADE",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect())
+}
+
+fn flush_iptables(node: &Host) {
+    let _ = node.exec(&["iptables", "-w", "-t", "nat", "-F"]);
 }
 
 fn demo(args: &Args) -> Result<(), String> {
@@ -132,28 +246,26 @@ fn demo(args: &Args) -> Result<(), String> {
     let lab = Lab::build_named(PREFIX, 2, 2).map_err(|e| e.to_string())?;
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let manifests = work.path().join("manifests");
-    let backend_local = pod_ip(1, 0);
-    let backend_remote = pod_ip(2, 0);
-    let backend_np = pod_ip(2, 1);
     let mut np = Svc::new(
         "iperf-nodeport",
         Ipv4Addr::new(10, 96, 0, 12),
         IPERF_PORT,
-        &[(backend_np, 2)],
+        &[(pod_ip(2, 1), 2)],
     );
     np.node_port = Some(NODE_PORT);
+    np.protocols = vec!["TCP"];
     let services = [
         Svc::new(
             "iperf-local",
             Ipv4Addr::new(10, 96, 0, 10),
             IPERF_PORT,
-            &[(backend_local, 1)],
+            &[(pod_ip(1, 0), 1)],
         ),
         Svc::new(
             "iperf-remote",
             Ipv4Addr::new(10, 96, 0, 11),
             IPERF_PORT,
-            &[(backend_remote, 2)],
+            &[(pod_ip(2, 0), 2)],
         ),
         np,
     ];
@@ -172,119 +284,64 @@ fn demo(args: &Args) -> Result<(), String> {
         paths.push(Path {
             name: "ClusterIP, same-node backend",
             client: pod_client.clone(),
-            via_kxp: services[0].cluster_ip,
-            via_kxp_port: IPERF_PORT,
-            kernel: backend_local,
+            service: (services[0].cluster_ip, IPERF_PORT),
+            backend: pod_ip(1, 0),
             udp,
         });
         paths.push(Path {
             name: "ClusterIP, cross-node backend",
             client: pod_client.clone(),
-            via_kxp: services[1].cluster_ip,
-            via_kxp_port: IPERF_PORT,
-            kernel: backend_remote,
+            service: (services[1].cluster_ip, IPERF_PORT),
+            backend: pod_ip(2, 0),
             udp,
         });
     }
     paths.push(Path {
         name: "NodePort from client, cross-node",
         client: lab.client.clone(),
-        via_kxp: node_ip(1),
-        via_kxp_port: NODE_PORT,
-        kernel: backend_np,
+        service: (node_ip(1), NODE_PORT),
+        backend: pod_ip(2, 1),
         udp: false,
     });
-    let udp_rate = Some(args.udp_rate.as_str());
+    let rate = args.udp_rate.as_str();
     let secs = args.seconds;
-    println!("kernel baseline (pod IPs, kernel routing and VXLAN, no NAT) ...");
-    let mut baseline = Vec::new();
-    for p in &paths {
-        // The client has no route to pod IPs: its baseline is the node's
-        // own forwarding to the pod, measured from node n1.
-        let from = if p.client.ns == lab.client.ns {
-            lab.nodes[0].host.clone()
-        } else {
-            p.client.clone()
-        };
-        baseline.push(iperf(
-            &from,
-            p.kernel,
-            IPERF_PORT,
-            secs,
-            p.udp.then_some(udp_rate).flatten(),
-        ));
+    let run_all = |to_service: bool| -> Vec<Result<Run, String>> {
+        paths
+            .iter()
+            .map(|p| {
+                let udp = p.udp.then_some(rate);
+                if to_service {
+                    iperf(&p.client, p.service.0, p.service.1, secs, udp)
+                } else if p.client.ns == lab.client.ns {
+                    // The client has no route to pod IPs: the node it would
+                    // reach forwards to the pod instead.
+                    iperf(&lab.nodes[0].host, p.backend, IPERF_PORT, secs, udp)
+                } else {
+                    iperf(&p.client, p.backend, IPERF_PORT, secs, udp)
+                }
+            })
+            .collect()
+    };
+    println!("1/3 kernel, no NAT: straight to the pod IPs ...");
+    let direct = run_all(false);
+    println!("2/3 kube-proxy: iptables DNAT/MASQUERADE rules on both nodes ...");
+    for n in &lab.nodes {
+        iptables_rules(&n.host, &services)?;
     }
-    println!("starting kxp on both nodes ...");
+    let kube_proxy = run_all(true);
+    for n in &lab.nodes {
+        flush_iptables(&n.host);
+    }
+    println!("3/3 kxp: `kxp run` on both nodes ...");
     let kxps: Vec<Kxp> = lab
         .nodes
         .iter()
         .map(|n| Kxp::start(&bin, n, &manifests, work.path()))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    println!("through kxp ...");
-    let mut through = Vec::new();
-    for p in &paths {
-        through.push(iperf(
-            &p.client,
-            p.via_kxp,
-            p.via_kxp_port,
-            secs,
-            p.udp.then_some(udp_rate).flatten(),
-        ));
-    }
-    println!();
-    println!(
-        "{:<34} {:>5} {:>14} {:>14} {:>7}",
-        "path", "proto", "kernel Gbit/s", "kxp Gbit/s", "ratio"
-    );
-    for ((p, b), k) in paths.iter().zip(&baseline).zip(&through) {
-        let show = |r: &Result<Result3, String>| match r {
-            Ok(r) => match r.lost_pct {
-                Some(l) => format!("{:.2} ({l:.1}% lost)", r.gbps),
-                None => format!("{:.2}", r.gbps),
-            },
-            Err(_) => "failed".into(),
-        };
-        let ratio = match (b, k) {
-            (Ok(b), Ok(k)) if b.gbps > 0.0 => format!("{:.2}", k.gbps / b.gbps),
-            _ => "-".into(),
-        };
-        println!(
-            "{:<34} {:>5} {:>14} {:>14} {:>7}",
-            p.name,
-            if p.udp { "UDP" } else { "TCP" },
-            show(b),
-            show(k),
-            ratio
-        );
-    }
-    for (p, r) in paths.iter().zip(&through) {
-        if let Err(e) = r {
-            println!("  {} ({}): {e}", p.name, if p.udp { "UDP" } else { "TCP" });
-        }
-    }
-    println!();
-    println!("kxp workers: RX->TX-submit latency per packet (measured per batch), packets and drops");
-    println!(
-        "{:<5} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
-        "node", "queue", "p50 ns", "p90 ns", "p99 ns", "max ns", "rx", "tx", "dropped"
-    );
-    for (n, k) in lab.nodes.iter().zip(&kxps) {
-        let m = k.metrics();
-        let q = |name: &str, l: &str| lab::kxp::metric_sum(&m, name, &["queue=\"0\"", l]);
-        println!(
-            "n{:<4} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
-            n.index,
-            0,
-            q("kxp_worker_latency_nanoseconds", "quantile=\"0.5\""),
-            q("kxp_worker_latency_nanoseconds", "quantile=\"0.9\""),
-            q("kxp_worker_latency_nanoseconds", "quantile=\"0.99\""),
-            q("kxp_worker_latency_nanoseconds", "quantile=\"1\""),
-            q("kxp_worker_packets", "direction=\"rx\""),
-            q("kxp_worker_packets", "direction=\"tx\""),
-            q("kxp_worker_drops", ""),
-        );
-    }
+    let through = run_all(true);
+    print_throughput(&paths, &direct, &kube_proxy, &through);
+    print_workers(&lab, &kxps);
     if args.hold > 0 {
         println!(
             "holding the lab for {} s (kxp logs in {})",
@@ -302,4 +359,98 @@ fn demo(args: &Args) -> Result<(), String> {
         return Err("some paths failed through kxp (see above)".into());
     }
     Ok(())
+}
+
+fn print_throughput(
+    paths: &[Path],
+    direct: &[Result<Run, String>],
+    kp: &[Result<Run, String>],
+    kxp: &[Result<Run, String>],
+) {
+    let show = |r: &Result<Run, String>| match r {
+        Ok(r) => match r.lost_pct {
+            Some(l) if l >= 0.05 => format!("{:.2} ({l:.1}% lost)", r.gbps),
+            _ => format!("{:.2}", r.gbps),
+        },
+        Err(_) => "failed".into(),
+    };
+    let cpu = |r: &Result<Run, String>| match r {
+        Ok(r) => format!("{:.2}", r.cpu_s_per_gb),
+        Err(_) => "-".into(),
+    };
+    let ratio = |a: &Result<Run, String>, b: &Result<Run, String>, f: fn(&Run) -> f64| match (a, b) {
+        (Ok(a), Ok(b)) if f(b) > 0.0 => format!("{:.2}", f(a) / f(b)),
+        _ => "-".into(),
+    };
+    println!();
+    println!("throughput, Gbit/s delivered (ratio: kxp / kube-proxy)");
+    println!(
+        "{:<34} {:>5} {:>18} {:>18} {:>18} {:>6}",
+        "path", "proto", "kernel, no NAT", "kube-proxy", "kxp", "ratio"
+    );
+    for (i, p) in paths.iter().enumerate() {
+        println!(
+            "{:<34} {:>5} {:>18} {:>18} {:>18} {:>6}",
+            p.name,
+            if p.udp { "UDP" } else { "TCP" },
+            show(&direct[i]),
+            show(&kp[i]),
+            show(&kxp[i]),
+            ratio(&kxp[i], &kp[i], |r| r.gbps)
+        );
+    }
+    println!();
+    println!("CPU seconds (all cores) per GB delivered (ratio: kxp / kube-proxy; lower is better)");
+    for (i, p) in paths.iter().enumerate() {
+        println!(
+            "{:<34} {:>5} {:>18} {:>18} {:>18} {:>6}",
+            p.name,
+            if p.udp { "UDP" } else { "TCP" },
+            cpu(&direct[i]),
+            cpu(&kp[i]),
+            cpu(&kxp[i]),
+            ratio(&kxp[i], &kp[i], |r| r.cpu_s_per_gb)
+        );
+    }
+    for (i, p) in paths.iter().enumerate() {
+        for (how, r) in [("kernel", &direct[i]), ("kube-proxy", &kp[i]), ("kxp", &kxp[i])] {
+            if let Err(e) = r {
+                println!("  {} ({}) via {how}: {e}", p.name, if p.udp { "UDP" } else { "TCP" });
+            }
+        }
+    }
+}
+
+fn print_workers(lab: &Lab, kxps: &[Kxp]) {
+    println!();
+    println!("kxp workers: RX->TX-submit latency per packet (measured per batch), packets, drops");
+    println!(
+        "{:<5} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
+        "node", "queue", "p50 ns", "p90 ns", "p99 ns", "max ns", "rx", "tx", "dropped"
+    );
+    for (n, k) in lab.nodes.iter().zip(kxps) {
+        let m = k.metrics();
+        let q = |name: &str, l: &str| metric_sum(&m, name, &["queue=\"0\"", l]);
+        let lat = |quantile: &str| q("kxp_worker_latency_nanoseconds", &format!("quantile=\"{quantile}\""));
+        println!(
+            "n{:<4} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
+            n.index,
+            0,
+            lat("0.5"),
+            lat("0.9"),
+            lat("0.99"),
+            lat("1"),
+            q("kxp_worker_packets", "direction=\"rx\""),
+            q("kxp_worker_packets", "direction=\"tx\""),
+            q("kxp_worker_drops", ""),
+        );
+        let reasons: Vec<String> = m
+            .lines()
+            .filter(|l| l.starts_with("kxp_worker_drops{") && !l.ends_with(" 0"))
+            .map(|l| l.to_string())
+            .collect();
+        for r in reasons {
+            println!("      {r}");
+        }
+    }
 }

@@ -133,7 +133,7 @@ fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
     assert!(last.frames.balanced(), "after shutdown: {:?}", last.frames);
     assert_eq!(last.frames.in_tx, 0, "TX rings drained on shutdown");
     assert_eq!(last.runtime.kernel_return_dropped, 0);
-    assert!(last.latency.len() > 0, "latency recorded per packet");
+    assert!(!last.latency.is_empty(), "latency recorded per packet");
     let k = last.kernel;
     assert!(
         k.rx_ring_full + k.fill_ring_empty + k.rx_dropped > 0,

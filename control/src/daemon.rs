@@ -37,6 +37,8 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub healthz_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The steering programs and workers, when interfaces are configured.
+    pub datapath: Option<Arc<Mutex<Datapath>>>,
 }
 
 /// The tables' node facts from configuration; addresses and pod routes
@@ -116,6 +118,7 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
     let publisher = Publisher::new(Tables::new(node_config(cfg)));
     let reader = publisher.reader();
     let metrics = Arc::new(Metrics::new());
+    let mut datapath = None;
     let (on_publish, host) = match datapath_config(cfg) {
         Some(dp_cfg) => {
             let flows = Arc::new(FlowState::new(cfg.conntrack));
@@ -130,6 +133,7 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
                 }
             });
             let observer = host_observer(dp_cfg.ports, cfg.vxlan_device.clone());
+            datapath = Some(dp);
             (Some(hook), Some(observer))
         }
         None => (None, None),
@@ -168,5 +172,6 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
         metrics,
         healthz_addr,
         metrics_addr,
+        datapath,
     })
 }

@@ -74,6 +74,7 @@ struct RunArgs {
 }
 
 async fn run(a: RunArgs) -> Result<(), String> {
+    let shutdown = shutdown_signal();
     let mut cfg = control::config::Config::load(a.config.as_deref()).map_err(|e| e.to_string())?;
     if let Some(n) = a.node_name {
         cfg.node_name = n;
@@ -99,8 +100,22 @@ async fn run(a: RunArgs) -> Result<(), String> {
     };
     let d = control::daemon::start(&cfg, source).await.map_err(|e| e.to_string())?;
     tracing::info!(node = %cfg.node_name, healthz = %d.healthz_addr, metrics = %d.metrics_addr, "kxp control running");
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down");
+    if let Some(dp) = &d.datapath {
+        // Stop the workers and let their TX rings drain before the programs
+        // detach (on exit, with their links).
+        for w in dp.lock().unwrap_or_else(|e| e.into_inner()).shutdown() {
+            tracing::info!(
+                queue = w.queue,
+                rx = w.stats.rx_packets,
+                tx = w.stats.tx_packets,
+                frames = ?w.frames,
+                balanced = w.frames.balanced(),
+                "worker stopped"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -131,24 +146,24 @@ async fn kube_client(master: Option<String>, kubeconfig: Option<PathBuf>) -> Res
     kube::Client::try_from(config).map_err(|e| format!("cannot build Kubernetes client: {e}"))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+/// Listens for SIGTERM and Ctrl-C from the moment it is called (before the
+/// datapath attaches, so a TERM during start-up still exits cleanly); the
+/// returned future completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {

@@ -40,6 +40,9 @@ pub struct Metrics {
     workers: Mutex<Option<WorkerSource>>,
 }
 
+/// Latency quantiles exported, as (label, quantile).
+const QUANTILES: [(&str, f64); 5] = [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99), ("0.999", 0.999), ("1", 1.0)];
+
 /// Where the per-worker reports come from (the running datapath).
 pub type WorkerSource = Box<dyn Fn() -> Vec<runtime::worker::WorkerReport> + Send + Sync>;
 
@@ -126,7 +129,7 @@ impl Metrics {
         );
         registry.register(
             "kxp_worker_latency_nanoseconds",
-            "Per-worker RX to TX-submit latency quantiles, per packet (measured per batch)",
+            "RX to TX-submit latency quantiles per worker (queue=\"all\": merged), per packet, measured per batch",
             m.worker_latency.clone(),
         );
         registry.register(
@@ -146,7 +149,20 @@ impl Metrics {
         let Some(source) = guard.as_ref() else {
             return;
         };
-        for r in source() {
+        let reports = source();
+        if reports.len() > 1 {
+            let all = runtime::datapath::merged_latency(&reports);
+            for (name, q) in QUANTILES {
+                let labels = vec![
+                    ("queue".to_string(), "all".to_string()),
+                    ("quantile".to_string(), name.to_string()),
+                ];
+                self.worker_latency
+                    .get_or_create(&labels)
+                    .set(all.value_at_quantile(q) as i64);
+            }
+        }
+        for r in reports {
             let q = r.queue.to_string();
             let l = |k: &str, v: &str| vec![("queue".to_string(), q.clone()), (k.to_string(), v.to_string())];
             let st = &r.stats;
@@ -181,7 +197,7 @@ impl Metrics {
             ] {
                 self.worker_drops.get_or_create(&l("reason", reason)).set(n as i64);
             }
-            for (name, q) in [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99), ("0.999", 0.999), ("1", 1.0)] {
+            for (name, q) in QUANTILES {
                 self.worker_latency
                     .get_or_create(&l("quantile", name))
                     .set(r.latency.value_at_quantile(q) as i64);

@@ -110,3 +110,65 @@ fn sigterm_exits_cleanly_and_detaches() {
     assert!(status.success(), "kxp exits 0 on SIGTERM: {status}");
     assert!(!node.xdp_attached(), "XDP detached on SIGTERM");
 }
+
+/// Runs `kxp run` in `ns` with `interfaces` (optionally through `prefix`,
+/// e.g. to drop privileges) and returns its exit status and stderr.
+fn run_kxp_expecting_failure(ns: &str, dir: &std::path::Path, interfaces: &str, prefix: &[&str]) -> String {
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("cluster.yaml"), MANIFESTS).unwrap();
+    let cfg = dir.join("kxp-fail.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "healthzBindAddress: 127.0.0.1:0\nmetricsBindAddress: 127.0.0.1:0\nkxp: {{interfaces: [{interfaces}]}}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(prefix)
+        .arg(env!("CARGO_BIN_EXE_kxp"))
+        .args(["run", "--node-name", "n1", "--manifests"])
+        .arg(&manifests)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .expect("kxp runs");
+    assert!(!out.status.success(), "kxp must refuse to start");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    // One sentence saying what to do, not a backtrace.
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn start_up_problems_are_one_clear_sentence() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let (_lab, node, dir, _kxp) = lab_with_kxp();
+    let missing = run_kxp_expecting_failure(&node.ns, dir.path(), "eth9", &[]);
+    assert!(
+        missing.contains("interface eth9 does not exist in this network namespace"),
+        "{missing}"
+    );
+    // eth0 already carries the first kxp's program.
+    let busy = run_kxp_expecting_failure(&node.ns, dir.path(), "eth0", &[]);
+    assert!(busy.contains("eth0 already has an XDP program"), "{busy}");
+    // dir must be readable by nobody for this one.
+    lab::run(&["chmod", "-R", "a+rX", &dir.path().display().to_string()]).unwrap();
+    let unprivileged = run_kxp_expecting_failure(
+        &node.ns,
+        dir.path(),
+        "eth0",
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ],
+    );
+    assert!(unprivileged.contains("needs root"), "{unprivileged}");
+}

@@ -137,6 +137,12 @@ impl Datapath {
     /// Stops the workers (draining their TX rings) and returns their final
     /// reports; the programs detach when `self` is dropped.
     pub fn stop(mut self) -> Vec<WorkerReport> {
+        self.shutdown()
+    }
+
+    /// `stop` for a datapath behind a shared handle: afterwards no worker
+    /// runs and frames that reach the programs take XDP_PASS fallback.
+    pub fn shutdown(&mut self) -> Vec<WorkerReport> {
         self.workers.drain(..).map(WorkerHandle::stop).collect()
     }
 }

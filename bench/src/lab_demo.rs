@@ -27,8 +27,9 @@ pub struct Args {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 3)]
     pub seconds: u32,
-    /// UDP offered load, iperf3 syntax.
-    #[arg(long, default_value = "300M")]
+    /// UDP offered load, iperf3 syntax; 0 = as fast as the sender can
+    /// (throughput is then what arrives, net of loss).
+    #[arg(long, default_value = "0")]
     pub udp_rate: String,
     /// Keep the lab and kxp running this many seconds after the runs, to
     /// look around (`ip netns list`).

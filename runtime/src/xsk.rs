@@ -19,6 +19,10 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 /// headroom (VXLAN encap grows frames at the front) and more.
 pub const FRAME_SIZE: u32 = 4096;
 
+/// Frames the kernel sends per TX wakeup in copy mode (TX_BATCH_SIZE in
+/// net/xdp/xsk.c).
+const COPY_MODE_TX_BUDGET: usize = 32;
+
 #[derive(Clone, Copy, Debug)]
 pub struct RingSizes {
     pub rx: u32,
@@ -264,7 +268,8 @@ impl XskSet {
         // them.
         let sent = unsafe { p.tx.produce(&descs[..n]) };
         p.in_tx += sent;
-        if sent > 0 {
+        // In copy mode one wakeup sends at most COPY_MODE_TX_BUDGET frames.
+        for _ in 0..sent.div_ceil(COPY_MODE_TX_BUDGET) {
             let _ = p.tx.wakeup();
         }
         self.free.extend_from_slice(&descs[sent..]);
@@ -285,7 +290,7 @@ impl XskSet {
             p.in_tx -= n;
             self.free.extend_from_slice(&self.scratch[..n]);
             total += n;
-            if n == 0 && p.in_tx > 0 && p.tx.needs_wakeup() {
+            if p.in_tx > 0 && p.tx.needs_wakeup() {
                 let _ = p.tx.wakeup();
             }
         }

@@ -188,6 +188,9 @@ impl Metrics {
             self.worker_drops
                 .get_or_create(&l("reason", "kernel_return"))
                 .set(r.runtime.kernel_return_dropped as i64);
+            self.worker_drops
+                .get_or_create(&l("reason", "oversized"))
+                .set(r.runtime.oversized as i64);
             let k = r.kernel;
             for (reason, n) in [
                 ("xsk_rx_dropped", k.rx_dropped),

@@ -43,6 +43,8 @@ pub struct RuntimeCounters {
     pub kernel_return_dropped: u64,
     /// Times the worker went to sleep in poll(2).
     pub sleeps: u64,
+    /// Frames that grew past their UMEM frame (encap of a near-jumbo).
+    pub oversized: u64,
 }
 
 /// What one worker has done so far.
@@ -140,7 +142,16 @@ pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState
                     tracing::warn!(core, "cannot pin worker to core; running unpinned");
                 }
             }
-            run(spec.batch, set, reader, dataplane::Worker::new(flows), &r, &s);
+            let worker =
+                std::panic::AssertUnwindSafe(|| run(spec.batch, set, reader, dataplane::Worker::new(flows), &r, &s));
+            if std::panic::catch_unwind(worker).is_err() {
+                // A worker that died would leave its queue to XDP_PASS, the
+                // services unserved while kxp looks healthy. Better to end
+                // the process, so its supervisor restarts it; the programs
+                // go with it.
+                tracing::error!(queue = spec.queue, "worker panicked; aborting kxp");
+                std::process::abort();
+            }
         })?;
     Ok(WorkerHandle {
         report,
@@ -179,8 +190,12 @@ fn run(
                 match engine.process(now, &tables, PortId(port as u16), &mut frame) {
                     Verdict::Tx(PortId(q)) if usize::from(q) < nports => {
                         let (off, len) = (frame.headroom(), frame.len());
-                        set.set_packet(desc, off, len);
-                        out[usize::from(q)].push(*desc);
+                        if set.set_packet(desc, off, len) {
+                            out[usize::from(q)].push(*desc);
+                        } else {
+                            counters.oversized += 1;
+                            set.release(*desc);
+                        }
                     }
                     Verdict::Tx(_) => set.release(*desc),
                     Verdict::Pass => {

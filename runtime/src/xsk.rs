@@ -235,16 +235,21 @@ impl XskSet {
 
     /// Makes the frame's packet the `len` bytes at `offset` of its buffer.
     /// The descriptor's start is fixed by xsk-rs, so a packet that grew or
-    /// shrank at the front (VXLAN encap/decap) is moved back to it.
-    pub fn set_packet(&mut self, desc: &mut FrameDesc, offset: usize, len: usize) {
+    /// shrank at the front (VXLAN encap/decap) is moved back to it. False
+    /// (nothing changed) if it would not fit there: the caller drops it.
+    pub fn set_packet(&mut self, desc: &mut FrameDesc, offset: usize, len: usize) -> bool {
         let headroom = desc.addr() % FRAME_SIZE as usize;
         if offset != headroom {
             let (buf, _, _) = self.frame_mut(desc);
+            if offset + len > buf.len() || headroom + len > buf.len() {
+                return false;
+            }
             buf.copy_within(offset..offset + len, headroom);
         }
         // SAFETY: as in `frame_mut`.
         let mut data = unsafe { self.umem.data_mut(desc) };
         data.cursor().set_pos(len);
+        true
     }
 
     /// Returns a frame the caller will not send to the free list.

@@ -89,7 +89,7 @@ pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
         cores: cfg.worker_cores.clone(),
         rings: RingSizes::default(),
         batch: 64,
-        zero_copy: false,
+        zero_copy: true,
     })
 }
 

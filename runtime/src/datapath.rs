@@ -25,6 +25,7 @@ pub struct DatapathConfig {
     pub cores: Vec<usize>,
     pub rings: RingSizes,
     pub batch: usize,
+    /// Try zero-copy on each socket first (copy mode where unsupported).
     pub zero_copy: bool,
 }
 
@@ -95,6 +96,10 @@ impl Datapath {
         let mut workers = Vec::with_capacity(cfg.queues as usize);
         for queue in 0..cfg.queues {
             let set = XskSet::open(&names, queue, cfg.rings, cfg.zero_copy)?;
+            for (name, port) in names.iter().zip(&set.ports) {
+                let mode = if port.copy_mode { "copy" } else { "zero-copy" };
+                tracing::info!(iface = %name, queue, mode, "AF_XDP socket bound");
+            }
             for (s, port) in steering.iter_mut().zip(&set.ports) {
                 s.bind_socket(queue, port.fd())?;
             }

@@ -59,6 +59,8 @@ pub struct WorkerReport {
     pub frames: FrameAccount,
     /// The kernel's side: frames it could not give this worker.
     pub kernel: KernelDrops,
+    /// Per port: bound in copy mode (else zero-copy).
+    pub copy_mode: Vec<bool>,
     pub running: bool,
 }
 
@@ -72,6 +74,7 @@ impl WorkerReport {
             latency: new_histogram(),
             frames: FrameAccount::default(),
             kernel: KernelDrops::default(),
+            copy_mode: Vec::new(),
             running: true,
         }
     }
@@ -257,6 +260,9 @@ fn publish(
     latency.reset();
     r.frames = set.account();
     r.kernel = set.kernel_drops();
+    if r.copy_mode.is_empty() {
+        r.copy_mode = set.ports.iter().map(|p| p.copy_mode).collect();
+    }
     r.running = running;
 }
 

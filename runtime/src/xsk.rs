@@ -90,6 +90,8 @@ pub struct Port {
     comp: CompQueue,
     in_fill: usize,
     in_tx: usize,
+    /// Bound in copy mode (not every driver of the set has zero-copy).
+    pub copy_mode: bool,
 }
 
 impl Port {
@@ -107,10 +109,24 @@ pub struct XskSet {
 }
 
 impl XskSet {
-    /// Opens an AF_XDP socket on queue `queue` of each interface, in copy
-    /// mode unless `zero_copy`, all sharing one UMEM, and fills every fill
-    /// ring. kxp's own XDP program steers to them (libxdp loads none).
+    /// Opens an AF_XDP socket on queue `queue` of each interface, all
+    /// sharing one UMEM, and fills every fill ring. With `zero_copy` the set
+    /// is tried in zero-copy mode first (every driver must support it) and
+    /// falls back to copy mode (veth: EOPNOTSUPP). kxp's own XDP program steers to them (libxdp loads none).
     pub fn open(ifaces: &[String], queue: u32, sizes: RingSizes, zero_copy: bool) -> Result<XskSet, XskError> {
+        if zero_copy {
+            match XskSet::open_in(ifaces, queue, sizes, BindFlags::XDP_ZEROCOPY) {
+                Ok(set) => return Ok(set),
+                Err(e) => tracing::debug!(queue, error = %e, "no zero-copy on every port; using copy mode"),
+            }
+        }
+        XskSet::open_in(ifaces, queue, sizes, BindFlags::XDP_COPY)
+    }
+
+    /// `open` in one mode for every socket: sockets sharing a UMEM inherit
+    /// the first one's mode (libxdp binds them with XDP_SHARED_UMEM), so a
+    /// set is all zero-copy or all copy mode.
+    fn open_in(ifaces: &[String], queue: u32, sizes: RingSizes, mode: BindFlags) -> Result<XskSet, XskError> {
         let q = |n: u32| QueueSize::new(n).map_err(|e| XskError::Config(e.to_string()));
         let umem_cfg = UmemConfig::builder()
             .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| XskError::Config(e.to_string()))?)
@@ -123,18 +139,13 @@ impl XskSet {
         let total = ifaces.len() * (sizes.fill + sizes.tx) as usize;
         let count = NonZeroU32::new(total as u32).ok_or_else(|| XskError::Config("no interfaces".into()))?;
         let (umem, free) = Umem::new(umem_cfg, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
-        let mut bind = BindFlags::XDP_USE_NEED_WAKEUP;
-        bind |= if zero_copy {
-            BindFlags::XDP_ZEROCOPY
-        } else {
-            BindFlags::XDP_COPY
-        };
         let sock_cfg = SocketConfig::builder()
             .rx_queue_size(q(sizes.rx)?)
             .tx_queue_size(q(sizes.tx)?)
             .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-            .bind_flags(bind)
+            .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP | mode)
             .build();
+        let copy_mode = mode.contains(BindFlags::XDP_COPY);
         let mut ports = Vec::with_capacity(ifaces.len());
         for iface in ifaces {
             let err = |reason: String| XskError::Socket {
@@ -156,6 +167,7 @@ impl XskSet {
                 comp,
                 in_fill: 0,
                 in_tx: 0,
+                copy_mode,
             });
         }
         let mut set = XskSet {
@@ -273,8 +285,12 @@ impl XskSet {
         // them.
         let sent = unsafe { p.tx.produce(&descs[..n]) };
         p.in_tx += sent;
-        // In copy mode one wakeup sends at most COPY_MODE_TX_BUDGET frames.
-        for _ in 0..sent.div_ceil(COPY_MODE_TX_BUDGET) {
+        if p.copy_mode {
+            // One wakeup sends at most COPY_MODE_TX_BUDGET frames.
+            for _ in 0..sent.div_ceil(COPY_MODE_TX_BUDGET) {
+                let _ = p.tx.wakeup();
+            }
+        } else if sent > 0 && p.tx.needs_wakeup() {
             let _ = p.tx.wakeup();
         }
         self.free.extend_from_slice(&descs[sent..]);

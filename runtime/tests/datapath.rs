@@ -90,7 +90,8 @@ fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
                 comp: 64,
             },
             batch: 64,
-            zero_copy: false,
+            // veth has no zero-copy: every socket falls back to copy mode.
+            zero_copy: true,
         };
         let flows = Arc::new(FlowState::new(CtConfig::default()));
         let dp = Datapath::start(&cfg, publisher.reader(), flows).expect("datapath starts");
@@ -133,6 +134,11 @@ fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
     assert!(last.frames.balanced(), "after shutdown: {:?}", last.frames);
     assert_eq!(last.frames.in_tx, 0, "TX rings drained on shutdown");
     assert_eq!(last.runtime.kernel_return_dropped, 0);
+    assert!(
+        w.copy_mode.iter().all(|c| *c),
+        "veth has no zero-copy: fell back to copy mode: {:?}",
+        w.copy_mode
+    );
     assert!(!last.latency.is_empty(), "latency recorded per packet");
     let k = last.kernel;
     assert!(

@@ -400,3 +400,42 @@ fn a_kernel_vxlan_node_and_a_kxp_node_exchange_pod_traffic_both_ways() {
     assert!(stats > 0.0, "the traffic went through kxp");
     c.assert_no_checksum_errors();
 }
+
+#[test]
+fn two_queues_run_two_workers_and_both_carry_traffic() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let lab = Lab::build_with_queues(1, 2, 2).expect("lab builds");
+    let dir = tempfile::tempdir().unwrap();
+    let mut svc = Svc::new("mq", vip(80), 7400, &[(pod_ip(1, 0), 1)]);
+    svc.protocols = vec!["TCP"];
+    write_manifests(&dir.path().join("manifests"), &lab, &[svc]).unwrap();
+    let kxp = Kxp::start_with(
+        Path::new(env!("CARGO_BIN_EXE_kxp")),
+        &lab.nodes[0],
+        &dir.path().join("manifests"),
+        dir.path(),
+        "  queues: 2\n  workerCores: [0, 1]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let _server = Listener::start(&lab.nodes[0].pods[0].ns, 7400, "n1p0").unwrap();
+    let client = &lab.nodes[0].pods[1];
+    // Each connection's flow hash picks the veth queue, so 40 of them use
+    // both queues (the chance that all land on one is 2^-39).
+    for _ in 0..40 {
+        assert_eq!(greet(client, sa(vip(80), 7400)), "n1p0");
+    }
+    std::thread::sleep(Duration::from_millis(300)); // one report period
+    for q in ["0", "1"] {
+        let label = format!("queue=\"{q}\"");
+        let rx = kxp.metric_sum("kxp_worker_packets", &[&label, "direction=\"rx\""]);
+        assert!(rx > 0.0, "worker {q} received nothing");
+        let total = kxp.metric_sum("kxp_worker_frames", &[&label, "place=\"total\""]);
+        let parts: f64 = ["free", "fill", "tx"]
+            .iter()
+            .map(|p| kxp.metric_sum("kxp_worker_frames", &[&label, &format!("place=\"{p}\"")]))
+            .sum();
+        assert_eq!(parts, total, "worker {q}: every frame accounted for");
+    }
+}

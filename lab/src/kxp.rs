@@ -153,6 +153,18 @@ impl Kxp {
     /// the manifest directory `manifests`; returns once it is healthy (has
     /// synced) or fails with its log.
     pub fn start(bin: &Path, node: &Node, manifests: &Path, work: &Path) -> Result<Kxp, LabError> {
+        Kxp::start_with(bin, node, manifests, work, "")
+    }
+
+    /// `start` with extra lines for the config's `kxp:` section (each
+    /// indented by two spaces, e.g. `"  queues: 2\n"`).
+    pub fn start_with(
+        bin: &Path,
+        node: &Node,
+        manifests: &Path,
+        work: &Path,
+        kxp_extra: &str,
+    ) -> Result<Kxp, LabError> {
         let n = node.index;
         let pods: Vec<String> = (0..node.pods.len()).map(|i| format!("vp{n}_{i}")).collect();
         let healthz = format!("127.0.0.1:{}", 10256);
@@ -160,7 +172,7 @@ impl Kxp {
         let cfg = work.join(format!("kxp-n{n}.yaml"));
         let text = format!(
             "kind: KubeProxyConfiguration\nclusterCIDR: 10.77.0.0/16\nhealthzBindAddress: {healthz}\n\
-             metricsBindAddress: {metrics}\nminSyncPeriod: 100ms\nkxp:\n  interfaces: [eth0]\n  podInterfaces: [{}]\n",
+             metricsBindAddress: {metrics}\nminSyncPeriod: 100ms\nkxp:\n  interfaces: [eth0]\n  podInterfaces: [{}]\n{kxp_extra}",
             pods.join(", ")
         );
         let io = |e: std::io::Error| LabError::Spawn {

@@ -143,6 +143,8 @@ pub struct Node {
 
 pub struct Lab {
     prefix: String,
+    /// Queues per veth, as `ip link` wants it.
+    queues: String,
     namespaces: Vec<String>,
     pub underlay: String,
     pub client: Host,
@@ -173,8 +175,20 @@ impl Lab {
         Lab::build_named(&format!("kxp{}x{n}", std::process::id()), nodes, pods_per_node)
     }
 
+    /// Same, with `queues` receive and transmit queues on every veth (for
+    /// multi-queue datapaths).
+    pub fn build_with_queues(nodes: u8, pods_per_node: u8, queues: u8) -> Result<Lab, LabError> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Lab::build_inner(&format!("kxp{}q{n}", std::process::id()), nodes, pods_per_node, queues)
+    }
+
     /// Same, with an explicit name prefix for every namespace.
     pub fn build_named(prefix: &str, nodes: u8, pods_per_node: u8) -> Result<Lab, LabError> {
+        Lab::build_inner(prefix, nodes, pods_per_node, 1)
+    }
+
+    fn build_inner(prefix: &str, nodes: u8, pods_per_node: u8, queues: u8) -> Result<Lab, LabError> {
         if !is_root() {
             return Err(LabError::NotRoot);
         }
@@ -188,6 +202,7 @@ impl Lab {
             nodes: Vec::new(),
             namespaces: Vec::new(),
             prefix,
+            queues: queues.max(1).to_string(),
         };
         // From here on, Drop cleans up whatever was made, even on error.
         lab.make_ns(&lab.underlay.clone())?;
@@ -212,8 +227,28 @@ impl Lab {
                 };
                 lab.make_ns(&pod.ns)?;
                 let node_side = format!("vp{n}_{i}");
+                let q = lab.queues.as_str();
                 run(&[
-                    "ip", "-n", &host.ns, "link", "add", &node_side, "type", "veth", "peer", "name", "eth0", "netns",
+                    "ip",
+                    "-n",
+                    &host.ns,
+                    "link",
+                    "add",
+                    &node_side,
+                    "numtxqueues",
+                    q,
+                    "numrxqueues",
+                    q,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "numtxqueues",
+                    q,
+                    "numrxqueues",
+                    q,
+                    "netns",
                     &pod.ns,
                 ])?;
                 let gw = format!("10.77.{n}.1");
@@ -253,11 +288,19 @@ impl Lab {
             "link",
             "add",
             &br_side,
+            "numtxqueues",
+            &self.queues,
+            "numrxqueues",
+            &self.queues,
             "type",
             "veth",
             "peer",
             "name",
             "eth0",
+            "numtxqueues",
+            &self.queues,
+            "numrxqueues",
+            &self.queues,
             "netns",
             &host.ns,
         ])?;

@@ -19,7 +19,10 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#define MAX_QUEUES 64
+/* One program serves every port kxp attaches it to; ports are numbered
+ * (slots) and each port's queues have their own XSKMAP entries. */
+#define MAX_PORTS 1024
+#define MAX_QUEUES 16
 
 struct l4_key {
 	__u32 ip;   /* network order */
@@ -45,12 +48,26 @@ struct config {
 
 enum stat { STAT_SEEN, STAT_REDIRECTED, STAT_PASSED, STAT_MAX };
 
+/* AF_XDP sockets by slot * MAX_QUEUES + receive queue. */
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
-	__uint(max_entries, MAX_QUEUES);
+	__uint(max_entries, MAX_PORTS * MAX_QUEUES);
 	__type(key, __u32);
 	__type(value, __u32);
 } xsks SEC(".maps");
+
+struct port {
+	__u32 slot;
+	__u32 is_pod; /* faces a local pod: its traffic to other nodes' pods is kxp's */
+};
+
+/* kxp's ports by ifindex. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PORTS);
+	__type(key, __u32);
+	__type(value, struct port);
+} ports SEC(".maps");
 
 /* Service frontends and backend endpoints, by address, port, protocol. */
 struct {
@@ -58,6 +75,7 @@ struct {
 	__uint(max_entries, 1 << 20);
 	__type(key, struct l4_key);
 	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
 } frontends SEC(".maps");
 
 struct {
@@ -65,6 +83,7 @@ struct {
 	__uint(max_entries, 1 << 20);
 	__type(key, struct l4_key);
 	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
 } backends SEC(".maps");
 
 /* Frontend addresses alone (ICMP errors about service flows). */
@@ -73,6 +92,7 @@ struct {
 	__uint(max_entries, 1 << 18);
 	__type(key, __u32);
 	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
 } frontend_ips SEC(".maps");
 
 struct {
@@ -97,6 +117,7 @@ struct {
 	__uint(max_entries, 1 << 16);
 	__type(key, struct l4_key);
 	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
 } node_ports SEC(".maps");
 
 struct {
@@ -114,14 +135,6 @@ struct {
 	__type(value, struct config);
 } settings SEC(".maps");
 
-/* Interfaces that face local pods, by ifindex: only traffic entering from
- * a pod is routed over the overlay by kxp. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u32);
-	__type(value, __u8);
-} pod_ifaces SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -143,7 +156,7 @@ static __always_inline int in_range(__u16 port_be, __u16 lo, __u16 hi)
 	return lo && p >= lo && p <= hi;
 }
 
-static __always_inline int kxps(struct xdp_md *ctx)
+static __always_inline int kxps(struct xdp_md *ctx, struct port *port)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -214,9 +227,8 @@ static __always_inline int kxps(struct xdp_md *ctx)
 		    (bpf_map_lookup_elem(&frontend_ips, &dst) || (cfg->snat_ip && dst == cfg->snat_ip)))
 			return 1;
 	}
-	__u32 ifindex = ctx->ingress_ifindex;
 	struct lpm_key pk = { .prefixlen = 32, .ip = dst };
-	if (bpf_map_lookup_elem(&pod_ifaces, &ifindex) && bpf_map_lookup_elem(&remote_pods, &pk))
+	if (port->is_pod && bpf_map_lookup_elem(&remote_pods, &pk))
 		return 1;
 	return 0;
 }
@@ -225,12 +237,14 @@ SEC("xdp")
 int kxp_steer(struct xdp_md *ctx)
 {
 	count(STAT_SEEN);
-	if (!kxps(ctx)) {
+	__u32 ifindex = ctx->ingress_ifindex;
+	struct port *port = bpf_map_lookup_elem(&ports, &ifindex);
+	if (!port || ctx->rx_queue_index >= MAX_QUEUES || !kxps(ctx, port)) {
 		count(STAT_PASSED);
 		return XDP_PASS;
 	}
 	count(STAT_REDIRECTED);
-	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+	return bpf_redirect_map(&xsks, port->slot * MAX_QUEUES + ctx->rx_queue_index, XDP_PASS);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -54,7 +54,7 @@ pub enum DatapathError {
 pub struct Datapath {
     // Workers first: they stop before the programs that feed them go.
     workers: Vec<WorkerHandle>,
-    steering: Vec<Steering>,
+    steering: Steering,
 }
 
 /// One clear sentence for each thing that would otherwise fail obscurely.
@@ -71,6 +71,13 @@ pub fn preflight(cfg: &DatapathConfig) -> Result<(), DatapathError> {
         if link.xdp_attached {
             return Err(DatapathError::XdpBusy(p.name.clone()));
         }
+        if cfg.queues > crate::steering::MAX_QUEUES {
+            return Err(DatapathError::Queues {
+                iface: p.name.clone(),
+                have: crate::steering::MAX_QUEUES,
+                want: cfg.queues,
+            });
+        }
         if link.rx_queues < cfg.queues {
             return Err(DatapathError::Queues {
                 iface: p.name.clone(),
@@ -85,23 +92,19 @@ pub fn preflight(cfg: &DatapathConfig) -> Result<(), DatapathError> {
 impl Datapath {
     pub fn start(cfg: &DatapathConfig, reader: Reader, flows: Arc<FlowState>) -> Result<Datapath, DatapathError> {
         preflight(cfg)?;
-        let mut steering = Vec::with_capacity(cfg.ports.len());
+        let mut steering = Steering::load()?;
         for p in &cfg.ports {
-            let mut s = Steering::load()?;
-            s.attach(&p.name, p.role)?;
-            s.sync_from(&reader.load())?;
-            steering.push(s);
+            steering.attach(&p.name, p.role)?;
         }
+        steering.sync_from(&reader.load())?;
         let names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
         let mut workers = Vec::with_capacity(cfg.queues as usize);
         for queue in 0..cfg.queues {
             let set = XskSet::open(&names, queue, cfg.rings, cfg.zero_copy)?;
             for (name, port) in names.iter().zip(&set.ports) {
+                steering.bind_socket(name, queue, port.fd())?;
                 let mode = if port.copy_mode { "copy" } else { "zero-copy" };
                 tracing::info!(iface = %name, queue, mode, "AF_XDP socket bound");
-            }
-            for (s, port) in steering.iter_mut().zip(&set.ports) {
-                s.bind_socket(queue, port.fd())?;
             }
             let core = (!cfg.cores.is_empty()).then(|| cfg.cores[queue as usize % cfg.cores.len()]);
             let spec = WorkerSpec {
@@ -114,29 +117,18 @@ impl Datapath {
         Ok(Datapath { workers, steering })
     }
 
-    /// Refills the steering maps from freshly published tables.
+    /// Brings the steering maps up to freshly published tables.
     pub fn on_publish(&mut self, t: &Tables) -> Result<(), SteeringError> {
-        for s in &mut self.steering {
-            s.sync_from(t)?;
-        }
-        Ok(())
+        self.steering.sync_from(t)
     }
 
     pub fn reports(&self) -> Vec<WorkerReport> {
         self.workers.iter().map(WorkerHandle::snapshot).collect()
     }
 
-    /// The steering counters of every port, summed.
+    /// The steering program's counters (all ports).
     pub fn steering_stats(&mut self) -> SteeringStats {
-        let mut sum = SteeringStats::default();
-        for s in &mut self.steering {
-            if let Ok(st) = s.stats() {
-                sum.seen += st.seen;
-                sum.redirected += st.redirected;
-                sum.passed += st.passed;
-            }
-        }
-        sum
+        self.steering.stats().unwrap_or_default()
     }
 
     /// Stops the workers (draining their TX rings) and returns their final

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, Pod};
 use dataplane::addr::{Frontend, Proto};
@@ -37,7 +38,7 @@ pub enum SteeringError {
 
 /// Mirrors `struct l4_key` in steer.bpf.c.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 struct L4Key {
     ip: u32,
     port: u16,
@@ -74,9 +75,46 @@ pub struct SteeringStats {
     pub passed: u64,
 }
 
+/// Mirrors `struct port` in steer.bpf.c.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct PortEntry {
+    slot: u32,
+    is_pod: u32,
+}
+
+// SAFETY: repr(C), two u32s, no padding, any bit pattern valid.
+unsafe impl Pod for PortEntry {}
+
+/// Must match MAX_PORTS / MAX_QUEUES in steer.bpf.c.
+pub const MAX_PORTS: u32 = 1024;
+pub const MAX_QUEUES: u32 = 16;
+
+struct Attached {
+    ifindex: u32,
+    slot: u32,
+    link: XdpLinkId,
+}
+
+/// What the maps hold, as last written, so a publish writes only the
+/// difference (reading keys back from the kernel costs a syscall each).
+#[derive(Default)]
+struct Synced {
+    frontends: HashSet<L4Key>,
+    frontend_ips: HashSet<u32>,
+    backends: HashSet<L4Key>,
+    node_ports: HashSet<L4Key>,
+    node_ips: HashSet<u32>,
+    host_addrs: HashSet<u32>,
+    remote_pods: HashSet<(u32, u32)>,
+}
+
+/// One loaded program, attached to every port kxp serves, with one set of
+/// maps: a publish is written once, whatever the number of ports.
 pub struct Steering {
     ebpf: Ebpf,
-    iface: Option<String>,
+    ports: std::collections::BTreeMap<String, Attached>,
+    synced: Synced,
 }
 
 fn be_ip(ip: Ipv4Addr) -> u32 {
@@ -94,50 +132,108 @@ fn key(ip: Ipv4Addr, port: u16, proto: Proto) -> L4Key {
 
 impl Steering {
     pub fn load() -> Result<Self, SteeringError> {
-        let ebpf = Ebpf::load(OBJECT).map_err(SteeringError::Load)?;
-        Ok(Steering { ebpf, iface: None })
+        let mut ebpf = Ebpf::load(OBJECT).map_err(SteeringError::Load)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("kxp_steer")
+            .ok_or(SteeringError::Missing("kxp_steer"))?
+            .try_into()
+            .map_err(|source| SteeringError::Attach {
+                iface: "(program)".into(),
+                source,
+            })?;
+        prog.load().map_err(|source| SteeringError::Attach {
+            iface: "(program)".into(),
+            source,
+        })?;
+        Ok(Steering {
+            ebpf,
+            ports: Default::default(),
+            synced: Synced::default(),
+        })
     }
 
     /// Attaches in native (driver) mode through a BPF link: the program goes
     /// away with this process, however it ends. `role` says whether the
     /// interface faces local pods (their traffic to other nodes' pods is
-    /// kxp's) or the underlay.
-    pub fn attach(&mut self, iface: &str, role: PortRole) -> Result<(), SteeringError> {
-        if role == PortRole::Pod {
-            let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| SteeringError::Interface {
-                iface: iface.to_string(),
-                reason: e.to_string(),
-            })?;
-            let mut pods: HashMap<&mut MapData, u32, u8> = self.map("pod_ifaces")?;
-            pods.insert(ifindex, 1, 0).map_err(|source| SteeringError::Map {
-                map: "pod_ifaces",
+    /// kxp's) or the underlay. Returns the port's slot.
+    pub fn attach(&mut self, iface: &str, role: PortRole) -> Result<u32, SteeringError> {
+        let err = |reason: String| SteeringError::Interface {
+            iface: iface.to_string(),
+            reason,
+        };
+        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| err(e.to_string()))?;
+        let slot = (0..MAX_PORTS)
+            .find(|s| !self.ports.values().any(|a| a.slot == *s))
+            .ok_or_else(|| err(format!("kxp serves at most {MAX_PORTS} ports")))?;
+        let entry = PortEntry {
+            slot,
+            is_pod: u32::from(role == PortRole::Pod),
+        };
+        let mut ports: HashMap<&mut MapData, u32, PortEntry> = self.map("ports")?;
+        ports
+            .insert(ifindex, entry, 0)
+            .map_err(|source| SteeringError::Map { map: "ports", source })?;
+        let link = self
+            .program()?
+            .attach(iface, XdpFlags::DRV_MODE)
+            .map_err(|source| SteeringError::Attach {
+                iface: iface.into(),
                 source,
             })?;
-        }
-        let prog: &mut Xdp = self
-            .ebpf
+        self.ports.insert(iface.to_string(), Attached { ifindex, slot, link });
+        Ok(slot)
+    }
+
+    /// Detaches from `iface` (e.g. a pod's veth that is going away); its
+    /// frames take XDP_PASS from now on.
+    pub fn detach(&mut self, iface: &str) -> Result<(), SteeringError> {
+        let Some(a) = self.ports.remove(iface) else {
+            return Ok(());
+        };
+        let mut ports: HashMap<&mut MapData, u32, PortEntry> = self.map("ports")?;
+        let _ = ports.remove(&a.ifindex);
+        // Its sockets' XSKMAP entries go when the sockets close.
+        // The link may already be gone with the interface.
+        let _ = self.program()?.detach(a.link);
+        Ok(())
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp, SteeringError> {
+        self.ebpf
             .program_mut("kxp_steer")
             .ok_or(SteeringError::Missing("kxp_steer"))?
             .try_into()
             .map_err(|source| SteeringError::Attach {
-                iface: iface.into(),
+                iface: "(program)".into(),
                 source,
-            })?;
-        prog.load().map_err(|source| SteeringError::Attach {
-            iface: iface.into(),
-            source,
-        })?;
-        prog.attach(iface, XdpFlags::DRV_MODE)
-            .map_err(|source| SteeringError::Attach {
-                iface: iface.into(),
-                source,
-            })?;
-        self.iface = Some(iface.to_string());
-        Ok(())
+            })
     }
 
-    /// Fills the maps from the tables: frontends, backends, node addresses,
-    /// NodePorts, remote pod CIDRs and settings.
+    /// Steers `iface`'s receive queue `queue` to the AF_XDP socket `fd`.
+    /// Until it is set, that queue's frames take XDP_PASS.
+    pub fn bind_socket(&mut self, iface: &str, queue: u32, fd: std::os::fd::RawFd) -> Result<(), SteeringError> {
+        let slot = self
+            .ports
+            .get(iface)
+            .ok_or_else(|| SteeringError::Interface {
+                iface: iface.to_string(),
+                reason: "not attached".into(),
+            })?
+            .slot;
+        if queue >= MAX_QUEUES {
+            return Err(SteeringError::Interface {
+                iface: iface.to_string(),
+                reason: format!("queue {queue}: kxp serves queues 0..{MAX_QUEUES}"),
+            });
+        }
+        let mut xsks: XskMap<&mut MapData> = self.map("xsks")?;
+        xsks.set(slot * MAX_QUEUES + queue, fd, 0)
+            .map_err(|source| SteeringError::Map { map: "xsks", source })
+    }
+
+    /// Makes the maps hold the tables' frontends, backends, node addresses,
+    /// NodePorts, remote pod CIDRs and settings, writing only what changed
+    /// since the last call.
     pub fn sync_from(&mut self, t: &Tables) -> Result<(), SteeringError> {
         let node = t.node();
         let cfg = Config {
@@ -154,64 +250,61 @@ impl Steering {
             map: "settings",
             source,
         })?;
-        let mut fe = HashSet::new();
-        let mut fe_ips = HashSet::new();
-        let mut be = HashSet::new();
-        let mut nps = HashSet::new();
+        let mut want = Synced::default();
         for svc in t.services() {
             for (Frontend { ip, port, proto }, _) in svc.frontends() {
-                fe.insert(key(*ip, *port, *proto));
-                fe_ips.insert(be_ip(*ip));
+                want.frontends.insert(key(*ip, *port, *proto));
+                want.frontend_ips.insert(be_ip(*ip));
             }
             for ep in svc.endpoints() {
-                be.insert(key(ep.addr.0.ip, ep.addr.0.port, svc.proto));
+                want.backends.insert(key(ep.addr.0.ip, ep.addr.0.port, svc.proto));
             }
             if let Some(np) = svc.node_port {
-                nps.insert(key(Ipv4Addr::UNSPECIFIED, np, svc.proto));
+                want.node_ports.insert(key(Ipv4Addr::UNSPECIFIED, np, svc.proto));
             }
         }
-        let ips: HashSet<u32> = node.node_ips.iter().map(|ip| be_ip(*ip)).collect();
-        self.replace("frontends", fe)?;
-        self.replace("frontend_ips", fe_ips)?;
-        self.replace("backends", be)?;
-        self.replace("node_ports", nps)?;
-        self.replace("node_ips", ips)?;
-        let host: HashSet<u32> = node.host_addrs.iter().map(|ip| be_ip(*ip)).collect();
-        self.replace("host_addrs", host)?;
-        let mut pods: LpmTrie<&mut MapData, u32, u8> = self.map("remote_pods")?;
-        let want: HashSet<(u32, u32)> = t
+        want.node_ips = node.node_ips.iter().map(|ip| be_ip(*ip)).collect();
+        want.host_addrs = node.host_addrs.iter().map(|ip| be_ip(*ip)).collect();
+        want.remote_pods = t
             .pod_routes()
             .map(|(c, _)| (u32::from(c.prefix_len()), be_ip(c.addr())))
             .collect();
-        let have: Vec<LpmKey<u32>> = pods.keys().filter_map(Result::ok).collect();
-        for k in have {
-            if !want.contains(&(k.prefix_len(), k.data())) {
-                let _ = pods.remove(&k);
-            }
+        let old = std::mem::take(&mut self.synced);
+        self.update("frontends", &old.frontends, &want.frontends)?;
+        self.update("frontend_ips", &old.frontend_ips, &want.frontend_ips)?;
+        self.update("backends", &old.backends, &want.backends)?;
+        self.update("node_ports", &old.node_ports, &want.node_ports)?;
+        self.update("node_ips", &old.node_ips, &want.node_ips)?;
+        self.update("host_addrs", &old.host_addrs, &want.host_addrs)?;
+        let mut pods: LpmTrie<&mut MapData, u32, u8> = self.map("remote_pods")?;
+        for (len, ip) in old.remote_pods.difference(&want.remote_pods) {
+            let _ = pods.remove(&LpmKey::new(*len, *ip));
         }
-        for (len, ip) in want {
-            pods.insert(&LpmKey::new(len, ip), 1, 0)
+        for (len, ip) in want.remote_pods.difference(&old.remote_pods) {
+            pods.insert(&LpmKey::new(*len, *ip), 1, 0)
                 .map_err(|source| SteeringError::Map {
                     map: "remote_pods",
                     source,
                 })?;
         }
+        self.synced = want;
         Ok(())
     }
 
-    /// Makes hash map `name` hold exactly `want` (removes the rest).
-    fn replace<K: Pod + Eq + std::hash::Hash>(
+    /// Removes from hash map `name` what is in `old` only, adds what is in
+    /// `new` only.
+    fn update<K: Pod + Eq + std::hash::Hash>(
         &mut self,
         name: &'static str,
-        want: HashSet<K>,
+        old: &HashSet<K>,
+        new: &HashSet<K>,
     ) -> Result<(), SteeringError> {
         let mut m: HashMap<&mut MapData, K, u8> = self.map(name)?;
-        let stale: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !want.contains(k)).collect();
-        for k in stale {
-            let _ = m.remove(&k);
+        for k in old.difference(new) {
+            let _ = m.remove(k);
         }
-        for k in want {
-            m.insert(k, 1, 0)
+        for k in new.difference(old) {
+            m.insert(*k, 1, 0)
                 .map_err(|source| SteeringError::Map { map: name, source })?;
         }
         Ok(())
@@ -223,14 +316,6 @@ impl Steering {
     {
         let m = self.ebpf.map_mut(name).ok_or(SteeringError::Missing(name))?;
         T::try_from(m).map_err(|source| SteeringError::Map { map: name, source })
-    }
-
-    /// Steers this interface's receive queue `queue` to the AF_XDP socket
-    /// `fd`. Until it is set, that queue's frames take XDP_PASS.
-    pub fn bind_socket(&mut self, queue: u32, fd: std::os::fd::RawFd) -> Result<(), SteeringError> {
-        let mut xsks: XskMap<&mut MapData> = self.map("xsks")?;
-        xsks.set(queue, fd, 0)
-            .map_err(|source| SteeringError::Map { map: "xsks", source })
     }
 
     pub fn stats(&mut self) -> Result<SteeringStats, SteeringError> {
@@ -248,7 +333,8 @@ impl Steering {
         })
     }
 
-    pub fn interface(&self) -> Option<&str> {
-        self.iface.as_deref()
+    /// The interfaces the program is attached to.
+    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
+        self.ports.keys().map(String::as_str)
     }
 }

@@ -84,21 +84,26 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     assert_eq!(later.redirected, after.redirected, "{later:?}");
     assert!(later.passed >= after.passed + 3, "{later:?}");
 
-    // On a pod-facing interface the same destination is kxp's.
-    let mut pod_side = lab::in_namespace(&node.ns, || {
-        let mut s = Steering::load()?;
-        s.attach("vp1_0", PortRole::Pod)?;
-        s.sync_from(&tables())?;
-        Ok::<_, runtime::SteeringError>(s)
+    // On a pod-facing interface the same destination is kxp's: the same
+    // program and maps serve a second port.
+    let mut steering = lab::in_namespace(&node.ns, move || {
+        steering.attach("vp1_0", PortRole::Pod).map(|_| steering)
     })
     .unwrap()
     .expect("steering attaches to the pod veth");
     for _ in 0..3 {
         let _ = lab.nodes[0].pods[0].exec(&["bash", "-c", "echo x > /dev/udp/10.77.9.5/9999"]);
     }
-    let from_pod = pod_side.stats().unwrap();
-    assert!(from_pod.redirected >= 3, "{from_pod:?}");
-    drop(pod_side);
+    let from_pod = steering.stats().unwrap();
+    assert!(from_pod.redirected >= later.redirected + 3, "{from_pod:?}");
+    let pod_xdp = || node.exec(&["ip", "link", "show", "vp1_0"]).unwrap().contains("xdp");
+    assert!(pod_xdp());
+    // A pod going away: its port is detached, the others keep the program.
+    let steering = lab::in_namespace(&node.ns, move || steering.detach("vp1_0").map(|_| steering))
+        .unwrap()
+        .unwrap();
+    assert!(!pod_xdp(), "detached from the pod veth");
+    assert!(node.xdp_attached(), "still on eth0");
 
     drop(steering);
     assert!(!node.xdp_attached(), "dropping the program detaches it");

@@ -56,6 +56,9 @@ pub struct FileKxp {
     pub interfaces: Option<Vec<String>>,
     /// Node-side interfaces of local pods' veths.
     pub pod_interfaces: Option<Vec<String>>,
+    /// Interface name prefixes of pod veths (e.g. `cali`, `veth`): served
+    /// as they appear, released as they go.
+    pub pod_interface_prefixes: Option<Vec<String>>,
     /// The local VXLAN device whose MAC is this node's VTEP MAC (Flannel's
     /// `flannel.1` by default), for interop with kernel VXLAN peers.
     pub vxlan_device: Option<String>,
@@ -85,6 +88,7 @@ pub struct Config {
     pub metrics_bind_address: SocketAddr,
     pub interfaces: Vec<String>,
     pub pod_interfaces: Vec<String>,
+    pub pod_interface_prefixes: Vec<String>,
     pub vxlan_device: String,
     pub queues: u32,
     pub worker_cores: Vec<usize>,
@@ -177,6 +181,7 @@ impl Config {
             metrics_bind_address: bind("metricsBindAddress", f.metrics_bind_address, "127.0.0.1:10249")?,
             interfaces: kxp.interfaces.unwrap_or_default(),
             pod_interfaces: kxp.pod_interfaces.unwrap_or_default(),
+            pod_interface_prefixes: kxp.pod_interface_prefixes.unwrap_or_default(),
             vxlan_device: kxp.vxlan_device.unwrap_or_else(|| "flannel.1".into()),
             queues: kxp.queues.unwrap_or(1),
             worker_cores: kxp.worker_cores.unwrap_or_default(),

@@ -93,14 +93,55 @@ pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
     })
 }
 
-/// Reads the kernel's facts each time it is called (and asks the kernel
-/// to resolve the next hops the tables need).
-fn host_observer(ports: Vec<PortSpec>, vxlan_device: String) -> HostObserver {
-    Box::new(move |t: &Tables| match host::observe_for(&ports, &vxlan_device, t) {
-        Ok(facts) => Some(facts),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the kernel's interfaces and neighbours");
-            None
+/// Each time it is called: serves pod interfaces that appeared (the
+/// configured ones and those matching `kxp.podInterfacePrefixes`), releases
+/// those that vanished, then reads the kernel's facts for the current ports
+/// (and asks the kernel to resolve the next hops the tables need).
+fn host_observer(dp: Arc<Mutex<Datapath>>, cfg: &Config) -> HostObserver {
+    let (fixed, prefixes, vxlan_device) = (
+        cfg.pod_interfaces.clone(),
+        cfg.pod_interface_prefixes.clone(),
+        cfg.vxlan_device.clone(),
+    );
+    Box::new(move |t: &Tables| {
+        let ports = {
+            let mut dp = lock(&dp);
+            let mut wanted = fixed.clone();
+            wanted.extend(host::interfaces_with_prefixes(&prefixes));
+            wanted.sort();
+            wanted.dedup();
+            let serving: Vec<String> = dp
+                .ports()
+                .iter()
+                .flatten()
+                .filter(|p| p.role == PortRole::Pod)
+                .map(|p| p.name.clone())
+                .collect();
+            let gone: Vec<&String> = serving.iter().filter(|n| !dp.port_alive(n)).collect();
+            for gone in &gone {
+                match dp.remove_port(gone) {
+                    Ok(()) => tracing::info!(iface = %gone, "pod interface gone; released"),
+                    Err(e) => tracing::warn!(iface = %gone, error = %e, "cannot release a pod interface"),
+                }
+            }
+            for new in wanted.iter().filter(|n| !serving.contains(n) || gone.contains(n)) {
+                let spec = PortSpec {
+                    name: new.clone(),
+                    role: PortRole::Pod,
+                };
+                match dp.add_port(spec) {
+                    Ok(id) => tracing::info!(iface = %new, port = id, "pod interface served"),
+                    Err(e) => tracing::warn!(iface = %new, error = %e, "cannot serve a pod interface; retrying"),
+                }
+            }
+            dp.ports().to_vec()
+        };
+        match host::observe_for(&ports, &vxlan_device, t) {
+            Ok(facts) => Some(facts),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the kernel's interfaces and neighbours");
+                None
+            }
         }
     })
 }
@@ -132,7 +173,7 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
                     tracing::error!(error = %e, "cannot update the XDP maps");
                 }
             });
-            let observer = host_observer(dp_cfg.ports, cfg.vxlan_device.clone());
+            let observer = host_observer(dp.clone(), cfg);
             datapath = Some(dp);
             (Some(hook), Some(observer))
         }

@@ -439,3 +439,48 @@ fn two_queues_run_two_workers_and_both_carry_traffic() {
         assert_eq!(parts, total, "worker {q}: every frame accounted for");
     }
 }
+
+#[test]
+fn pods_that_come_and_go_are_served_and_released() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let mut lab = Lab::build(1, 1).expect("lab builds");
+    let dir = tempfile::tempdir().unwrap();
+    let mut svc = Svc::new("late", vip(90), 7500, &[(pod_ip(1, 1), 1)]);
+    svc.protocols = vec!["TCP"];
+    write_manifests(&dir.path().join("manifests"), &lab, &[svc]).unwrap();
+    let kxp = Kxp::start_with(
+        Path::new(env!("CARGO_BIN_EXE_kxp")),
+        &lab.nodes[0],
+        &dir.path().join("manifests"),
+        dir.path(),
+        "  podInterfacePrefixes: [vp]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let client = lab.nodes[0].pods[0].clone();
+    let pool = kxp.metric_sum("kxp_worker_frames", &["place=\"total\""]);
+    // Twice: a pod appears (a new veth, as a CNI makes it), is served, and
+    // goes away; the second pod reuses the first one's name and address.
+    for round in 0..2 {
+        let late = lab.add_pod(1).unwrap();
+        let _server = Listener::start(&late.ns, 7500, "late").unwrap();
+        wait_for("the new pod is served", || {
+            connect(&client.ns, sa(vip(90), 7500), Duration::from_millis(500)).is_ok_and(|g| g == "late")
+        });
+        drop(_server);
+        lab.remove_last_pod(1).unwrap();
+        std::thread::sleep(Duration::from_millis(2500)); // two observations
+        let total = kxp.metric_sum("kxp_worker_frames", &["place=\"total\""]);
+        let parts: f64 = ["free", "fill", "tx"]
+            .iter()
+            .map(|p| kxp.metric_sum("kxp_worker_frames", &[&format!("place=\"{p}\"")]))
+            .sum();
+        assert_eq!(parts, total, "round {round}: the gone pod's frames came back");
+        assert_eq!(total, pool, "round {round}: no frame written off");
+    }
+    assert_eq!(
+        kxp.metric_sum("kxp_worker_drops", &["reason=\"xsk_invalid_descs\""]),
+        0.0
+    );
+}

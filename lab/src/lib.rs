@@ -219,56 +219,81 @@ impl Lab {
             lab.make_ns(&host.ns)?;
             lab.attach(&host, &format!("n{n}"))?;
             host.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-            let mut pods = Vec::new();
-            for i in 0..pods_per_node {
-                let pod = Host {
-                    ns: format!("{}-n{n}p{i}", lab.prefix),
-                    ip: pod_ip(n, i),
-                };
-                lab.make_ns(&pod.ns)?;
-                let node_side = format!("vp{n}_{i}");
-                let q = lab.queues.as_str();
-                run(&[
-                    "ip",
-                    "-n",
-                    &host.ns,
-                    "link",
-                    "add",
-                    &node_side,
-                    "numtxqueues",
-                    q,
-                    "numrxqueues",
-                    q,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "numtxqueues",
-                    q,
-                    "numrxqueues",
-                    q,
-                    "netns",
-                    &pod.ns,
-                ])?;
-                let gw = format!("10.77.{n}.1");
-                host.exec(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &node_side])?;
-                host.exec(&["ip", "link", "set", &node_side, "up"])?;
-                host.exec(&["ip", "route", "add", &format!("{}/32", pod.ip), "dev", &node_side])?;
-                pod.exec(&["ip", "addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
-                // Room for the VXLAN header, as Flannel sets pod MTUs.
-                pod.exec(&["ip", "link", "set", "eth0", "mtu", "1450", "up"])?;
-                pod.exec(&["ip", "route", "add", &format!("{gw}/32"), "dev", "eth0"])?;
-                pod.exec(&["ip", "route", "replace", "default", "via", &gw, "dev", "eth0"])?;
-                // Complete checksums on frames that leave the pod (see module docs).
-                pod.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
-                host.exec(&["ethtool", "-K", &node_side, "tx", "off"])?;
-                pods.push(pod);
+            lab.nodes.push(Node {
+                host,
+                index: n,
+                pods: Vec::new(),
+            });
+            for _ in 0..pods_per_node {
+                lab.add_pod(n)?;
             }
-            lab.nodes.push(Node { host, index: n, pods });
         }
         lab.kernel_overlay()?;
         Ok(lab)
+    }
+
+    /// Adds a pod to node `n` (1-based): a namespace with the next pod
+    /// address, behind a new veth `vpN_I` on the node. Also while kxp runs,
+    /// as a CNI would.
+    pub fn add_pod(&mut self, n: u8) -> Result<Host, LabError> {
+        let node = &self.nodes[usize::from(n) - 1];
+        let host = node.host.clone();
+        let i = node.pods.len() as u8;
+        let pod = Host {
+            ns: format!("{}-n{n}p{i}", self.prefix),
+            ip: pod_ip(n, i),
+        };
+        self.make_ns(&pod.ns)?;
+        let node_side = format!("vp{n}_{i}");
+        let q = self.queues.as_str();
+        run(&[
+            "ip",
+            "-n",
+            &host.ns,
+            "link",
+            "add",
+            &node_side,
+            "numtxqueues",
+            q,
+            "numrxqueues",
+            q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "numtxqueues",
+            q,
+            "numrxqueues",
+            q,
+            "netns",
+            &pod.ns,
+        ])?;
+        let gw = format!("10.77.{n}.1");
+        host.exec(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &node_side])?;
+        host.exec(&["ip", "link", "set", &node_side, "up"])?;
+        host.exec(&["ip", "route", "add", &format!("{}/32", pod.ip), "dev", &node_side])?;
+        pod.exec(&["ip", "addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
+        // Room for the VXLAN header, as Flannel sets pod MTUs.
+        pod.exec(&["ip", "link", "set", "eth0", "mtu", "1450", "up"])?;
+        pod.exec(&["ip", "route", "add", &format!("{gw}/32"), "dev", "eth0"])?;
+        pod.exec(&["ip", "route", "replace", "default", "via", &gw, "dev", "eth0"])?;
+        // Complete checksums on frames that leave the pod (see module docs).
+        pod.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+        host.exec(&["ethtool", "-K", &node_side, "tx", "off"])?;
+        self.nodes[usize::from(n) - 1].pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// Deletes the last pod of node `n` (its namespace, and with it the
+    /// veth), as a CNI does when a pod ends.
+    pub fn remove_last_pod(&mut self, n: u8) -> Result<(), LabError> {
+        let Some(pod) = self.nodes[usize::from(n) - 1].pods.pop() else {
+            return Ok(());
+        };
+        run(&["ip", "netns", "del", &pod.ns])?;
+        self.namespaces.retain(|ns| *ns != pod.ns);
+        Ok(())
     }
 
     fn make_ns(&mut self, ns: &str) -> Result<(), LabError> {

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use crate::host::{self, PortSpec};
 use crate::steering::{Steering, SteeringError, SteeringStats};
 use crate::worker::{self, WorkerHandle, WorkerReport, WorkerSpec};
-use crate::xsk::{RingSizes, XskError, XskSet};
+use crate::xsk::{PortName, RingSizes, XskError, XskSet};
 
 #[derive(Clone, Debug)]
 pub struct DatapathConfig {
@@ -55,6 +55,20 @@ pub struct Datapath {
     // Workers first: they stop before the programs that feed them go.
     workers: Vec<WorkerHandle>,
     steering: Steering,
+    /// By `PortId`; `None` where a port was removed (the next new port
+    /// takes the hole).
+    ports: Vec<Option<PortSpec>>,
+    /// The interface index each port had when it was attached: a pod veth
+    /// re-created under the same name is a new port.
+    ifindexes: Vec<u32>,
+    queues: u32,
+}
+
+fn port_name(p: &PortSpec) -> PortName {
+    PortName {
+        name: p.name.clone(),
+        pod: p.role == PortRole::Pod,
+    }
 }
 
 /// One clear sentence for each thing that would otherwise fail obscurely.
@@ -97,14 +111,14 @@ impl Datapath {
             steering.attach(&p.name, p.role)?;
         }
         steering.sync_from(&reader.load())?;
-        let names: Vec<String> = cfg.ports.iter().map(|p| p.name.clone()).collect();
+        let names: Vec<PortName> = cfg.ports.iter().map(port_name).collect();
         let mut workers = Vec::with_capacity(cfg.queues as usize);
         for queue in 0..cfg.queues {
             let set = XskSet::open(&names, queue, cfg.rings, cfg.zero_copy)?;
-            for (name, port) in names.iter().zip(&set.ports) {
-                steering.bind_socket(name, queue, port.fd())?;
+            for (name, port) in names.iter().zip(set.ports.iter().flatten()) {
+                steering.bind_socket(&name.name, queue, port.fd())?;
                 let mode = if port.copy_mode { "copy" } else { "zero-copy" };
-                tracing::info!(iface = %name, queue, mode, "AF_XDP socket bound");
+                tracing::info!(iface = %name.name, queue, mode, "AF_XDP socket bound");
             }
             let core = (!cfg.cores.is_empty()).then(|| cfg.cores[queue as usize % cfg.cores.len()]);
             let spec = WorkerSpec {
@@ -114,7 +128,98 @@ impl Datapath {
             };
             workers.push(worker::spawn(spec, set, reader.clone(), flows.clone())?);
         }
-        Ok(Datapath { workers, steering })
+        Ok(Datapath {
+            workers,
+            steering,
+            ports: cfg.ports.iter().cloned().map(Some).collect(),
+            ifindexes: cfg
+                .ports
+                .iter()
+                .map(|p| host::link_info(&p.name).map_or(0, |l| l.ifindex))
+                .collect(),
+            queues: cfg.queues,
+        })
+    }
+
+    /// The ports by `PortId` (holes where ports were removed).
+    pub fn ports(&self) -> &[Option<PortSpec>] {
+        &self.ports
+    }
+
+    /// Whether port `name` is still the interface it was attached to (not
+    /// deleted, not deleted and re-created under the same name).
+    pub fn port_alive(&self, name: &str) -> bool {
+        let Some(i) = self
+            .ports
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.name == name))
+        else {
+            return false;
+        };
+        host::link_info(name).is_some_and(|l| l.ifindex == self.ifindexes[i])
+    }
+
+    /// Serves a new interface (a pod's veth that appeared): attaches the
+    /// program, opens a socket on every worker's queue, steers them.
+    /// Returns its `PortId` index. Publish tables that know the port (host
+    /// facts) before traffic needs it; until then its frames are dropped as
+    /// `unknown_port`.
+    pub fn add_port(&mut self, spec: PortSpec) -> Result<usize, DatapathError> {
+        let link = host::link_info(&spec.name).ok_or_else(|| DatapathError::NoInterface(spec.name.clone()))?;
+        if link.xdp_attached {
+            return Err(DatapathError::XdpBusy(spec.name.clone()));
+        }
+        if link.rx_queues < self.queues {
+            return Err(DatapathError::Queues {
+                iface: spec.name.clone(),
+                have: link.rx_queues,
+                want: self.queues,
+            });
+        }
+        let index = self.ports.iter().position(Option::is_none).unwrap_or(self.ports.len());
+        self.steering.attach(&spec.name, spec.role)?;
+        for (queue, w) in (0..self.queues).zip(&self.workers) {
+            let fd = match w.add_port(index, port_name(&spec)) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    for w in &self.workers {
+                        w.remove_port(index);
+                    }
+                    let _ = self.steering.detach(&spec.name);
+                    return Err(e.into());
+                }
+            };
+            self.steering.bind_socket(&spec.name, queue, fd)?;
+        }
+        if index == self.ports.len() {
+            self.ports.push(Some(spec));
+            self.ifindexes.push(link.ifindex);
+        } else {
+            self.ports[index] = Some(spec);
+            self.ifindexes[index] = link.ifindex;
+        }
+        Ok(index)
+    }
+
+    /// Stops serving `name` (its pod went away): detaches the program and
+    /// closes its sockets, taking their frames back.
+    pub fn remove_port(&mut self, name: &str) -> Result<(), SteeringError> {
+        let Some(index) = self
+            .ports
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.name == name))
+        else {
+            return Ok(());
+        };
+        self.steering.detach(name)?;
+        for w in &self.workers {
+            let lost = w.remove_port(index);
+            if lost > 0 {
+                tracing::warn!(iface = %name, lost, "frames never completed by a vanished interface");
+            }
+        }
+        self.ports[index] = None;
+        Ok(())
     }
 
     /// Brings the steering maps up to freshly published tables.

@@ -74,6 +74,7 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
 /// What kxp needs to know about one interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
+    pub ifindex: u32,
     pub mac: Mac,
     pub rx_queues: u32,
     pub xdp_attached: bool,
@@ -94,6 +95,7 @@ pub fn link_info(name: &str) -> Option<LinkInfo> {
     let words: Vec<&str> = text.split_whitespace().collect();
     let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1));
     Some(LinkInfo {
+        ifindex: words.first()?.trim_end_matches(':').parse().ok()?,
         mac: after("link/ether").and_then(|m| parse_mac(m)).unwrap_or_default(),
         rx_queues: after("numrxqueues").and_then(|n| n.parse().ok()).unwrap_or(1),
         xdp_attached: words
@@ -170,28 +172,41 @@ fn addresses() -> Vec<(String, Ipv4Addr, u8)> {
         .collect()
 }
 
-/// Reads the kernel's view for `ports` (exactly one uplink).
-pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, HostError> {
-    let uplinks: Vec<usize> = (0..ports.len())
-        .filter(|&i| ports[i].role == PortRole::Uplink)
-        .collect();
+/// Reads the kernel's view for `ports` (by `PortId`, holes where ports
+/// were removed; exactly one uplink). A pod port whose interface has just
+/// vanished reads as a hole; a missing uplink is an error.
+pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFacts, HostError> {
+    let is = |p: &Option<PortSpec>, role| p.as_ref().is_some_and(|p| p.role == role);
+    let uplinks: Vec<usize> = (0..ports.len()).filter(|&i| is(&ports[i], PortRole::Uplink)).collect();
     if uplinks.len() != 1 {
         return Err(HostError::Uplinks(uplinks.len()));
     }
     let uplink = PortId(uplinks[0] as u16);
+    let hole = PortInfo {
+        name: String::new(),
+        mac: Mac::default(),
+        vlan: None,
+        role: PortRole::Pod,
+    };
     let mut infos = Vec::with_capacity(ports.len());
     for p in ports {
-        let mac = link_info(&p.name)
-            .ok_or_else(|| HostError::NoInterface(p.name.clone()))?
-            .mac;
-        infos.push(PortInfo {
-            name: p.name.clone(),
-            mac,
-            vlan: None,
-            role: p.role,
-        });
+        let info = match p {
+            Some(p) => match link_info(&p.name) {
+                Some(link) => PortInfo {
+                    name: p.name.clone(),
+                    mac: link.mac,
+                    vlan: None,
+                    role: p.role,
+                },
+                None if p.role == PortRole::Uplink => return Err(HostError::NoInterface(p.name.clone())),
+                None => hole.clone(),
+            },
+            None => hole.clone(),
+        };
+        infos.push(info);
     }
-    let up_name = ports[uplinks[0]].name.as_str();
+    let up_name = infos[uplinks[0]].name.clone();
+    let up_name = up_name.as_str();
     let route_text = read("/proc/thread-self/net/route")?;
     let arp_text = read("/proc/thread-self/net/arp")?;
     let rt = routes(&route_text);
@@ -208,7 +223,11 @@ pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, Host
         .iter()
         .find(|r| r.prefix_len == 0 && r.iface == up_name && !r.gateway.is_unspecified())
         .map(|r| r.gateway);
-    let port_of = |name: &str| ports.iter().position(|p| p.name == name && p.role == PortRole::Pod);
+    let port_of = |name: &str| {
+        ports
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.name == name && p.role == PortRole::Pod))
+    };
     let mac_on = |ip: Ipv4Addr, dev: &str| neigh.iter().find(|(i, _, d)| *i == ip && *d == dev).map(|(_, m, _)| *m);
     let mut local_pods = BTreeMap::new();
     for r in rt.iter().filter(|r| r.prefix_len == 32 && r.gateway.is_unspecified()) {
@@ -244,7 +263,7 @@ pub fn observe(ports: &[PortSpec], vxlan_device: &str) -> Result<HostFacts, Host
 /// has not resolved yet: the uplink next hop of every remote node, the
 /// gateway, and every local pod. Such requests are logged and retried on
 /// the next call; the facts returned are what the kernel knows now.
-pub fn observe_for(ports: &[PortSpec], vxlan_device: &str, t: &Tables) -> Result<HostFacts, HostError> {
+pub fn observe_for(ports: &[Option<PortSpec>], vxlan_device: &str, t: &Tables) -> Result<HostFacts, HostError> {
     let facts = observe(ports, vxlan_device)?;
     if request_missing(ports, &facts, t)? {
         // ARP on a LAN answers within milliseconds: look again, so a new
@@ -256,9 +275,9 @@ pub fn observe_for(ports: &[PortSpec], vxlan_device: &str, t: &Tables) -> Result
 }
 
 /// Asks for what `observe_for` wants resolved; true if anything was asked.
-fn request_missing(ports: &[PortSpec], facts: &HostFacts, t: &Tables) -> Result<bool, HostError> {
+fn request_missing(ports: &[Option<PortSpec>], facts: &HostFacts, t: &Tables) -> Result<bool, HostError> {
     let mut asked = false;
-    let uplink = &ports[usize::from(facts.uplink.0)].name;
+    let uplink = &facts.ports[usize::from(facts.uplink.0)].name;
     let next_hop = |ip: Ipv4Addr| match facts.uplink_subnet {
         Some(s) if s.contains(ip) => Some(ip),
         _ => facts.gateway,
@@ -280,6 +299,26 @@ fn request_missing(ports: &[PortSpec], facts: &HostFacts, t: &Tables) -> Result<
         }
     }
     Ok(asked)
+}
+
+/// Names of the interfaces in this network namespace that start with one of
+/// `prefixes` (e.g. a CNI's pod veths: `cali`, `veth`).
+pub fn interfaces_with_prefixes(prefixes: &[String]) -> Vec<String> {
+    if prefixes.is_empty() {
+        return Vec::new();
+    }
+    let Ok(out) = std::process::Command::new("ip").args(["-o", "link", "show"]).output() else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            // "12: vp1_0@if2: <...>": the name, without the peer suffix.
+            let name = l.split_whitespace().nth(1)?.trim_end_matches(':');
+            Some(name.split('@').next()?.to_string())
+        })
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+        .collect()
 }
 
 /// Writes `new` into the tables, changing only what differs from `old`
@@ -328,14 +367,19 @@ pub fn apply(t: &mut Tables, old: Option<&HostFacts>, new: &HostFacts) {
 }
 
 /// Pods routed through pod ports whose MAC the kernel has not resolved yet.
-fn unresolved_pods(ports: &[PortSpec]) -> Result<Vec<(Ipv4Addr, String)>, HostError> {
+fn unresolved_pods(ports: &[Option<PortSpec>]) -> Result<Vec<(Ipv4Addr, String)>, HostError> {
     let route_text = read("/proc/thread-self/net/route")?;
     let arp_text = read("/proc/thread-self/net/arp")?;
     let neigh = arp(&arp_text);
     Ok(routes(&route_text)
         .into_iter()
         .filter(|r| r.prefix_len == 32 && r.gateway.is_unspecified())
-        .filter(|r| ports.iter().any(|p| p.role == PortRole::Pod && p.name == r.iface))
+        .filter(|r| {
+            ports
+                .iter()
+                .flatten()
+                .any(|p| p.role == PortRole::Pod && p.name == r.iface)
+        })
         .filter(|r| !neigh.iter().any(|(ip, _, d)| *ip == r.dst && *d == r.iface))
         .map(|r| (r.dst, r.iface.to_string()))
         .collect())

@@ -10,9 +10,9 @@
 //! Counters and the histogram are the worker's own and are folded into a
 //! shared report every `REPORT_EVERY`, so the hot path shares nothing.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use hdrhistogram::Histogram;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use xsk_rs::FrameDesc;
 
-use crate::xsk::{FrameAccount, KernelDrops, XskSet};
+use crate::xsk::{FrameAccount, KernelDrops, PortName, XskError, XskSet};
 
 const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// Empty polls of the rings before the worker sleeps in poll(2).
@@ -87,11 +87,41 @@ pub fn new_histogram() -> Histogram<u64> {
 
 pub struct WorkerHandle {
     pub report: Arc<Mutex<WorkerReport>>,
+    commands: mpsc::Sender<Command>,
+    queue: u32,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl WorkerHandle {
+    /// Runs `cmd` on the worker between batches (within REPORT_EVERY) and
+    /// waits for its answer.
+    pub fn add_port(&self, index: usize, port: PortName) -> Result<RawFd, XskError> {
+        let (reply, answer) = mpsc::channel();
+        let gone = || XskError::Socket {
+            iface: port.name.clone(),
+            queue: self.queue,
+            reason: "the worker has stopped".into(),
+        };
+        self.commands
+            .send(Command::AddPort {
+                index,
+                port: port.clone(),
+                reply,
+            })
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+
+    /// Closes port `index` on the worker; returns frames written off.
+    pub fn remove_port(&self, index: usize) -> usize {
+        let (reply, answer) = mpsc::channel();
+        if self.commands.send(Command::RemovePort { index, reply }).is_err() {
+            return 0;
+        }
+        answer.recv().unwrap_or(0)
+    }
+
     pub fn snapshot(&self) -> WorkerReport {
         self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -136,6 +166,7 @@ pub struct WorkerSpec {
 pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState>) -> std::io::Result<WorkerHandle> {
     let report = Arc::new(Mutex::new(WorkerReport::new(spec.queue, spec.core)));
     let stop = Arc::new(AtomicBool::new(false));
+    let (commands, inbox) = mpsc::channel();
     let (r, s) = (report.clone(), stop.clone());
     let thread = std::thread::Builder::new()
         .name(format!("kxp-worker-{}", spec.queue))
@@ -145,8 +176,9 @@ pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState
                     tracing::warn!(core, "cannot pin worker to core; running unpinned");
                 }
             }
-            let worker =
-                std::panic::AssertUnwindSafe(|| run(spec.batch, set, reader, dataplane::Worker::new(flows), &r, &s));
+            let worker = std::panic::AssertUnwindSafe(|| {
+                run(spec.batch, set, reader, dataplane::Worker::new(flows), &r, &s, inbox)
+            });
             if std::panic::catch_unwind(worker).is_err() {
                 // A worker that died would leave its queue to XDP_PASS, the
                 // services unserved while kxp looks healthy. Better to end
@@ -158,9 +190,36 @@ pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState
         })?;
     Ok(WorkerHandle {
         report,
+        commands,
+        queue: spec.queue,
         stop,
         thread: Some(thread),
     })
+}
+
+/// A change to a running worker's ports, answered on `reply`.
+pub enum Command {
+    /// Open a socket for `port` at index `index` (its `PortId`); replies
+    /// with its fd for the XSKMAP.
+    AddPort {
+        index: usize,
+        port: PortName,
+        reply: mpsc::Sender<Result<RawFd, XskError>>,
+    },
+    /// Close port `index`'s socket and take its frames back; replies with
+    /// the frames written off (sent but never completed).
+    RemovePort { index: usize, reply: mpsc::Sender<usize> },
+}
+
+fn apply(set: &mut XskSet, cmd: Command) {
+    match cmd {
+        Command::AddPort { index, port, reply } => {
+            let _ = reply.send(set.add_port(index, &port));
+        }
+        Command::RemovePort { index, reply } => {
+            let _ = reply.send(set.remove_port(index));
+        }
+    }
 }
 
 fn run(
@@ -170,10 +229,11 @@ fn run(
     mut engine: dataplane::Worker,
     shared: &Mutex<WorkerReport>,
     stop: &AtomicBool,
+    commands: mpsc::Receiver<Command>,
 ) {
-    let nports = set.ports.len();
+    let mut nports = set.ports.len();
     let mut rx = vec![FrameDesc::default(); batch];
-    let mut out: Vec<Vec<FrameDesc>> = (0..nports).map(|_| Vec::with_capacity(batch * nports)).collect();
+    let mut out: Vec<Vec<FrameDesc>> = (0..nports).map(|_| Vec::with_capacity(batch)).collect();
     let mut counters = RuntimeCounters::default();
     let mut latency = new_histogram();
     let mut last_report = monotonic();
@@ -230,6 +290,14 @@ fn run(
             }
         }
         if now.since(last_report) >= REPORT_EVERY {
+            // Ports come and go between batches, never inside one.
+            while let Ok(cmd) = commands.try_recv() {
+                apply(&mut set, cmd);
+            }
+            if set.ports.len() != nports {
+                nports = set.ports.len();
+                out.resize_with(nports, || Vec::with_capacity(batch));
+            }
             engine.housekeeping(now);
             publish(shared, &engine, &counters, &mut latency, &set, true);
             last_report = now;
@@ -261,7 +329,7 @@ fn publish(
     r.frames = set.account();
     r.kernel = set.kernel_drops();
     if r.copy_mode.is_empty() {
-        r.copy_mode = set.ports.iter().map(|p| p.copy_mode).collect();
+        r.copy_mode = set.ports.iter().flatten().map(|p| p.copy_mode).collect();
     }
     r.running = running;
 }
@@ -271,6 +339,7 @@ fn sleep_until_readable(set: &XskSet) {
     let mut fds: Vec<PollFd> = set
         .ports
         .iter()
+        .flatten()
         // SAFETY: the fds belong to sockets `set` owns, which outlive this
         // call; poll(2) only reads them.
         .map(|p| PollFd::new(unsafe { BorrowedFd::borrow_raw(p.fd()) }, PollFlags::POLLIN))

@@ -1,16 +1,22 @@
 //! One worker's AF_XDP sockets: queue `q` of every port, all on one UMEM,
 //! so a frame received on one port is transmitted on another without a
-//! copy. Owns the frame pool and keeps its accounting exact: every frame is
-//! at all times in exactly one of the free list, a fill ring (lent to the
-//! kernel for RX), a TX ring (until its completion), or the batch being
-//! processed. `account()` proves it.
+//! copy. Ports come and go (pods do): a port index is its `PortId`, and a
+//! removed port leaves a hole that the next new port fills. Owns the frame
+//! pool and keeps its accounting exact: every frame is at all times in
+//! exactly one of the free list, a fill ring (lent to the kernel for RX), a
+//! TX ring (until its completion), or the batch being processed.
+//! `account()` proves it. Each fill ring's frames are remembered in order
+//! (the kernel takes them first in, first out), so removing a port returns
+//! them to the pool.
 //!
 //! Unsafe code: xsk-rs makes ring and frame access `unsafe` because only
 //! the caller can know that a descriptor belongs to this UMEM and is not
 //! also held by the kernel. Each block below says why that holds.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
@@ -40,6 +46,19 @@ impl Default for RingSizes {
             comp: 2048,
         }
     }
+}
+
+/// A pod's veth carries one pod's traffic: its rings and its share of the
+/// fill frames are smaller than the uplink's.
+pub const POD_RING: u32 = 256;
+/// Pod ports the pool has frames for beyond those present at start.
+pub const SPARE_POD_PORTS: usize = 64;
+
+/// One port of a set: its name and whether it faces a pod.
+#[derive(Clone, Debug)]
+pub struct PortName {
+    pub name: String,
+    pub pod: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +107,10 @@ pub struct Port {
     pub rx: RxQueue,
     fill: FillQueue,
     comp: CompQueue,
-    in_fill: usize,
+    /// Frames on the fill ring, oldest first.
+    in_fill: VecDeque<FrameDesc>,
+    /// Most frames this port's fill ring is given.
+    fill_target: usize,
     in_tx: usize,
     /// Bound in copy mode (not every driver of the set has zero-copy).
     pub copy_mode: bool,
@@ -102,31 +124,36 @@ impl Port {
 
 pub struct XskSet {
     umem: Umem,
-    pub ports: Vec<Port>,
+    /// By `PortId`; `None` where a port was removed.
+    pub ports: Vec<Option<Port>>,
     free: Vec<FrameDesc>,
     total: usize,
     scratch: Vec<FrameDesc>,
+    queue: u32,
+    sizes: RingSizes,
+    mode: BindFlags,
 }
 
 impl XskSet {
-    /// Opens an AF_XDP socket on queue `queue` of each interface, all
-    /// sharing one UMEM, and fills every fill ring. With `zero_copy` the set
-    /// is tried in zero-copy mode first (every driver must support it) and
-    /// falls back to copy mode (veth: EOPNOTSUPP). kxp's own XDP program steers to them (libxdp loads none).
-    pub fn open(ifaces: &[String], queue: u32, sizes: RingSizes, zero_copy: bool) -> Result<XskSet, XskError> {
+    /// Opens an AF_XDP socket on queue `queue` of each port, all sharing one
+    /// UMEM, and fills every fill ring. kxp's own XDP program steers to
+    /// them (libxdp loads none). With `zero_copy` the set is tried in
+    /// zero-copy mode first (every driver must support it) and falls back to
+    /// copy mode (veth: EOPNOTSUPP).
+    pub fn open(ports: &[PortName], queue: u32, sizes: RingSizes, zero_copy: bool) -> Result<XskSet, XskError> {
         if zero_copy {
-            match XskSet::open_in(ifaces, queue, sizes, BindFlags::XDP_ZEROCOPY) {
+            match XskSet::open_in(ports, queue, sizes, BindFlags::XDP_ZEROCOPY) {
                 Ok(set) => return Ok(set),
                 Err(e) => tracing::debug!(queue, error = %e, "no zero-copy on every port; using copy mode"),
             }
         }
-        XskSet::open_in(ifaces, queue, sizes, BindFlags::XDP_COPY)
+        XskSet::open_in(ports, queue, sizes, BindFlags::XDP_COPY)
     }
 
     /// `open` in one mode for every socket: sockets sharing a UMEM inherit
     /// the first one's mode (libxdp binds them with XDP_SHARED_UMEM), so a
     /// set is all zero-copy or all copy mode.
-    fn open_in(ifaces: &[String], queue: u32, sizes: RingSizes, mode: BindFlags) -> Result<XskSet, XskError> {
+    fn open_in(ports: &[PortName], queue: u32, sizes: RingSizes, mode: BindFlags) -> Result<XskSet, XskError> {
         let q = |n: u32| QueueSize::new(n).map_err(|e| XskError::Config(e.to_string()));
         let umem_cfg = UmemConfig::builder()
             .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| XskError::Config(e.to_string()))?)
@@ -135,66 +162,129 @@ impl XskSet {
             .frame_headroom(0)
             .build()
             .map_err(|e| XskError::Config(e.to_string()))?;
-        // Enough for every fill ring and every TX ring to be full at once.
-        let total = ifaces.len() * (sizes.fill + sizes.tx) as usize;
+        // Enough for every port's fill and TX rings to be full at once, and
+        // for pods that arrive later.
+        let per_port = |pod: bool| {
+            if pod {
+                2 * POD_RING.min(sizes.fill) as usize
+            } else {
+                (sizes.fill + sizes.tx) as usize
+            }
+        };
+        let total = ports.iter().map(|p| per_port(p.pod)).sum::<usize>() + SPARE_POD_PORTS * per_port(true);
         let count = NonZeroU32::new(total as u32).ok_or_else(|| XskError::Config("no interfaces".into()))?;
         let (umem, free) = Umem::new(umem_cfg, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
-        let sock_cfg = SocketConfig::builder()
-            .rx_queue_size(q(sizes.rx)?)
-            .tx_queue_size(q(sizes.tx)?)
-            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-            .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP | mode)
-            .build();
-        let copy_mode = mode.contains(BindFlags::XDP_COPY);
-        let mut ports = Vec::with_capacity(ifaces.len());
-        for iface in ifaces {
-            let err = |reason: String| XskError::Socket {
-                iface: iface.clone(),
-                queue,
-                reason,
-            };
-            let name: Interface = iface.parse().map_err(|e| err(format!("{e:?}")))?;
-            // SAFETY: INHIBIT_PROG_LOAD is set, which is what `Socket::new`
-            // requires when a UMEM is shared across (interface, queue)
-            // pairs; each pair here is bound once.
-            let (tx, rx, rings) =
-                unsafe { Socket::new(sock_cfg, &umem, &name, queue) }.map_err(|e| err(e.to_string()))?;
-            let (fill, comp) = rings.ok_or_else(|| err("the queue is already bound by this UMEM".into()))?;
-            ports.push(Port {
-                tx,
-                rx,
-                fill,
-                comp,
-                in_fill: 0,
-                in_tx: 0,
-                copy_mode,
-            });
-        }
         let mut set = XskSet {
             umem,
-            ports,
+            ports: Vec::with_capacity(ports.len()),
             free,
             total,
             scratch: vec![FrameDesc::default(); sizes.comp.max(sizes.rx) as usize],
+            queue,
+            sizes,
+            mode,
         };
-        set.refill();
+        for p in ports {
+            set.add_port(set.ports.len(), p)?;
+        }
         Ok(set)
+    }
+
+    /// Opens a socket on `port`'s queue as port index `index` (a hole or the
+    /// next index) and gives it fill frames. Returns its fd for the XSKMAP.
+    pub fn add_port(&mut self, index: usize, port: &PortName) -> Result<RawFd, XskError> {
+        let err = |reason: String| XskError::Socket {
+            iface: port.name.clone(),
+            queue: self.queue,
+            reason,
+        };
+        let q = |n: u32| QueueSize::new(n).map_err(|e| XskError::Config(e.to_string()));
+        let ring = if port.pod {
+            POD_RING.min(self.sizes.rx)
+        } else {
+            self.sizes.rx
+        };
+        let cfg = SocketConfig::builder()
+            .rx_queue_size(q(ring)?)
+            .tx_queue_size(q(ring)?)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP | self.mode)
+            .build();
+        let name: Interface = port.name.parse().map_err(|e| err(format!("{e:?}")))?;
+        // SAFETY: INHIBIT_PROG_LOAD is set, which is what `Socket::new`
+        // requires when a UMEM is shared across (interface, queue) pairs;
+        // each pair here is bound once (a removed port's socket is closed
+        // before its interface could come back).
+        let (tx, rx, rings) =
+            unsafe { Socket::new(cfg, &self.umem, &name, self.queue) }.map_err(|e| err(e.to_string()))?;
+        let (fill, comp) = rings.ok_or_else(|| err("the queue is already bound by this UMEM".into()))?;
+        let new = Port {
+            tx,
+            rx,
+            fill,
+            comp,
+            in_fill: VecDeque::with_capacity(ring as usize),
+            fill_target: if port.pod {
+                POD_RING.min(self.sizes.fill) as usize
+            } else {
+                self.sizes.fill as usize
+            },
+            in_tx: 0,
+            copy_mode: self.mode.contains(BindFlags::XDP_COPY),
+        };
+        let fd = new.fd();
+        if index >= self.ports.len() {
+            self.ports.resize_with(index + 1, || None);
+        }
+        self.ports[index] = Some(new);
+        self.refill();
+        Ok(fd)
+    }
+
+    /// Closes port `index`: waits (bounded) for its transmissions to
+    /// complete, closes the socket, and takes its fill frames back. Frames
+    /// still unsent after the wait (the interface vanished mid-send) are
+    /// written off the pool and returned in the count.
+    pub fn remove_port(&mut self, index: usize) -> usize {
+        let Some(mut p) = self.ports.get_mut(index).and_then(Option::take) else {
+            return 0;
+        };
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while p.in_tx > 0 && Instant::now() < deadline {
+            // SAFETY: as in `complete`.
+            let n = unsafe { p.comp.consume(&mut self.scratch) };
+            p.in_tx -= n;
+            self.free.extend_from_slice(&self.scratch[..n]);
+            if n == 0 {
+                let _ = p.tx.wakeup();
+                std::thread::yield_now();
+            }
+        }
+        let lost = p.in_tx;
+        self.total -= lost;
+        let fill: Vec<FrameDesc> = p.in_fill.drain(..).collect();
+        // Closing the socket ends the kernel's use of its fill ring.
+        drop(p);
+        self.free.extend(fill);
+        lost
     }
 
     pub fn account(&self) -> FrameAccount {
         FrameAccount {
             total: self.total,
             free: self.free.len(),
-            in_fill: self.ports.iter().map(|p| p.in_fill).sum(),
-            in_tx: self.ports.iter().map(|p| p.in_tx).sum(),
+            in_fill: self.ports.iter().flatten().map(|p| p.in_fill.len()).sum(),
+            in_tx: self.in_flight(),
         }
     }
 
-    /// Gives free frames to every fill ring that has room; wakes the
+    /// Gives free frames to every fill ring below its share; wakes the
     /// kernel only if the ring asks for it.
     pub fn refill(&mut self) {
-        for p in &mut self.ports {
-            let n = p.fill.nb_free(self.free.len() as u32) as usize;
+        for p in self.ports.iter_mut().flatten() {
+            let want = p.fill_target.saturating_sub(p.in_fill.len()).min(self.free.len());
+            let n = p.fill.nb_free(want as u32) as usize;
+            let n = n.min(want);
             if n == 0 {
                 continue;
             }
@@ -204,8 +294,7 @@ impl XskSet {
             // to the kernel until they come back through an RX ring.
             let done = unsafe { p.fill.produce(&self.free[from..]) };
             if done > 0 {
-                self.free.truncate(self.free.len() - done);
-                p.in_fill += done;
+                p.in_fill.extend(self.free.drain(from..from + done));
             }
             if p.fill.needs_wakeup() {
                 let _ = p.fill.wakeup(p.rx.fd_mut(), 0);
@@ -216,12 +305,15 @@ impl XskSet {
     /// Takes up to `out.len()` received frames from `port` (no syscall).
     /// The caller must hand each one to `transmit` or `release`.
     pub fn receive(&mut self, port: usize, out: &mut [FrameDesc]) -> usize {
-        let p = &mut self.ports[port];
+        let Some(p) = self.ports.get_mut(port).and_then(Option::as_mut) else {
+            return 0;
+        };
         // SAFETY: the descriptors the RX ring returns are frames of this
         // UMEM the kernel has finished writing; from now on only the caller
         // holds them.
         let n = unsafe { p.rx.consume(out) };
-        p.in_fill -= n;
+        // The kernel fills buffers in fill-ring order: these n left it.
+        p.in_fill.drain(..n.min(p.in_fill.len()));
         n
     }
 
@@ -277,7 +369,10 @@ impl XskSet {
         if descs.is_empty() {
             return 0;
         }
-        let p = &mut self.ports[port];
+        let Some(p) = self.ports.get_mut(port).and_then(Option::as_mut) else {
+            self.free.extend_from_slice(descs);
+            return descs.len();
+        };
         let room = p.tx.nb_free(descs.len() as u32) as usize;
         let n = room.min(descs.len());
         // SAFETY: the frames came from `receive` and were processed in place;
@@ -301,7 +396,7 @@ impl XskSet {
     /// returns how many.
     pub fn complete(&mut self) -> usize {
         let mut total = 0;
-        for p in &mut self.ports {
+        for p in self.ports.iter_mut().flatten() {
             if p.in_tx == 0 {
                 continue;
             }
@@ -322,7 +417,7 @@ impl XskSet {
     /// getsockopt per port: call it at report time, not per batch).
     pub fn kernel_drops(&self) -> KernelDrops {
         let mut d = KernelDrops::default();
-        for p in &self.ports {
+        for p in self.ports.iter().flatten() {
             if let Ok(s) = p.rx.fd().xdp_statistics() {
                 d.rx_dropped += s.rx_dropped();
                 d.rx_ring_full += s.rx_ring_full();
@@ -335,6 +430,6 @@ impl XskSet {
 
     /// Frames still lent to the kernel for transmission.
     pub fn in_flight(&self) -> usize {
-        self.ports.iter().map(|p| p.in_tx).sum()
+        self.ports.iter().flatten().map(|p| p.in_tx).sum()
     }
 }

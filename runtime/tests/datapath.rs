@@ -38,7 +38,8 @@ fn tables() -> Tables {
         "192.168.77.0/24".parse().unwrap(),
         Mac::default(),
     ));
-    let facts = host::observe_for(&ports(), "flannel.1", &t).expect("kernel facts");
+    let ports: Vec<Option<PortSpec>> = ports().into_iter().map(Some).collect();
+    let facts = host::observe_for(&ports, "flannel.1", &t).expect("kernel facts");
     assert_eq!(facts.local_pods.len(), 2, "both pods resolved: {facts:?}");
     host::apply(&mut t, None, &facts);
     // iperf3 needs TCP for its control connection, UDP for the flood.

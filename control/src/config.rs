@@ -62,6 +62,12 @@ pub struct FileKxp {
     /// The local VXLAN device whose MAC is this node's VTEP MAC (Flannel's
     /// `flannel.1` by default), for interop with kernel VXLAN peers.
     pub vxlan_device: Option<String>,
+    /// Service address ranges (the API server's service-cluster-ip-range):
+    /// routed into kxp's TUN device so the node itself reaches services.
+    #[serde(rename = "serviceCIDRs")]
+    pub service_cidrs: Option<Vec<String>>,
+    /// That TUN device's name (default `kxp0`).
+    pub host_device: Option<String>,
     pub queues: Option<u32>,
     pub worker_cores: Option<Vec<usize>>,
     pub vxlan_vni: Option<u32>,
@@ -90,6 +96,9 @@ pub struct Config {
     pub pod_interfaces: Vec<String>,
     pub pod_interface_prefixes: Vec<String>,
     pub vxlan_device: String,
+    /// Empty: the node's own connections to services are not served.
+    pub service_cidrs: Vec<Cidr>,
+    pub host_device: String,
     pub queues: u32,
     pub worker_cores: Vec<usize>,
     pub vxlan_vni: u32,
@@ -183,6 +192,14 @@ impl Config {
             pod_interfaces: kxp.pod_interfaces.unwrap_or_default(),
             pod_interface_prefixes: kxp.pod_interface_prefixes.unwrap_or_default(),
             vxlan_device: kxp.vxlan_device.unwrap_or_else(|| "flannel.1".into()),
+            service_cidrs: kxp
+                .service_cidrs
+                .unwrap_or_default()
+                .iter()
+                .filter(|s| !s.contains(':'))
+                .map(|s| s.parse::<Cidr>().map_err(|e| format!("kxp.serviceCIDRs: {e}")))
+                .collect::<Result<_, _>>()?,
+            host_device: kxp.host_device.unwrap_or_else(|| "kxp0".into()),
             queues: kxp.queues.unwrap_or(1),
             worker_cores: kxp.worker_cores.unwrap_or_default(),
             vxlan_vni: kxp.vxlan_vni.unwrap_or(1),

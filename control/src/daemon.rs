@@ -11,6 +11,7 @@ use dataplane::addr::Mac;
 use dataplane::flow::FlowState;
 use dataplane::tables::{NodeConfig, PortRole, Tables};
 use dataplane::{Publisher, Reader};
+use runtime::datapath::HostConfig;
 use runtime::host::{self, PortSpec};
 use runtime::xsk::RingSizes;
 use runtime::{Datapath, DatapathConfig};
@@ -90,6 +91,10 @@ pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
         rings: RingSizes::default(),
         batch: 64,
         zero_copy: true,
+        host: (!cfg.service_cidrs.is_empty()).then(|| HostConfig {
+            name: cfg.host_device.clone(),
+            cidrs: cfg.service_cidrs.clone(),
+        }),
     })
 }
 

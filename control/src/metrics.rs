@@ -191,6 +191,9 @@ impl Metrics {
             self.worker_drops
                 .get_or_create(&l("reason", "oversized"))
                 .set(r.runtime.oversized as i64);
+            self.worker_drops
+                .get_or_create(&l("reason", "host_dropped"))
+                .set(r.runtime.host_dropped as i64);
             let k = r.kernel;
             for (reason, n) in [
                 ("xsk_rx_dropped", k.rx_dropped),

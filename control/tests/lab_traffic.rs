@@ -484,3 +484,53 @@ fn pods_that_come_and_go_are_served_and_released() {
         0.0
     );
 }
+
+#[test]
+fn the_node_itself_reaches_cluster_ips_through_kxp() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let lab = Lab::build(2, 1).expect("lab builds");
+    let dir = tempfile::tempdir().unwrap();
+    let mut local = Svc::new("for-node-local", vip(100), 7600, &[(pod_ip(1, 0), 1)]);
+    local.protocols = vec!["TCP"];
+    let mut remote = Svc::new("for-node-remote", vip(101), 7601, &[(pod_ip(2, 0), 2)]);
+    remote.protocols = vec!["TCP"];
+    let mut empty = Svc::new("for-node-empty", vip(102), 7602, &[]);
+    empty.protocols = vec!["TCP"];
+    write_manifests(&dir.path().join("manifests"), &lab, &[local, remote, empty]).unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_kxp"));
+    let extra = "  serviceCIDRs: [10.96.0.0/16]\n";
+    let kxps: Vec<Kxp> = lab
+        .nodes
+        .iter()
+        .map(|n| {
+            Kxp::start_with(bin, n, &dir.path().join("manifests"), dir.path(), extra).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let _a = Listener::start(&lab.nodes[0].pods[0].ns, 7600, "n1p0").unwrap();
+    let _b = Listener::start(&lab.nodes[1].pods[0].ns, 7601, "n2p0").unwrap();
+    let node = &lab.nodes[0].host;
+    // kube-proxy serves these in OUTPUT; kxp through its TUN device.
+    assert_eq!(
+        greet(node, sa(vip(100), 7600)),
+        "n1p0",
+        "node -> ClusterIP -> local pod"
+    );
+    assert_eq!(
+        greet(node, sa(vip(101), 7601)),
+        "n2p0",
+        "node -> ClusterIP -> pod on another node"
+    );
+    let err = connect(&node.ns, sa(vip(102), 7602), Duration::from_secs(2)).unwrap_err();
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "no endpoints: refused, {err}"
+    );
+    let dropped: f64 = kxps
+        .iter()
+        .map(|k| k.metric_sum("kxp_worker_drops", &["reason=\"host_dropped\""]))
+        .sum();
+    assert_eq!(dropped, 0.0);
+}

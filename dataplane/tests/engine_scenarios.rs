@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use dataplane::addr::{Proto, SvcId};
+use dataplane::addr::{Mac, Proto, SvcId};
 use dataplane::craft::{self, Spec};
 use dataplane::flow::CtConfig;
 use dataplane::tables::{ChecksumPolicy, ServiceSpec};
@@ -782,4 +782,30 @@ fn full_checksum_policy_repairs_partial_checksums_incremental_does_not() {
         b.len = len;
         assert_eq!(craft::inspect(b.bytes()).unwrap().checksums_ok, want_ok, "{policy:?}");
     }
+}
+
+// ---- 12. the node's own connections ----
+
+#[test]
+fn the_nodes_own_connection_to_a_cluster_ip_is_masqueraded_and_answered_through_its_host_port() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    // The node routes service addresses into kxp's TUN device (no MACs).
+    let syn = tcp((NODE_IP, 40000), (CLUSTER_IP, 80), TCP_SYN)
+        .macs(Mac::default(), Mac::default())
+        .build();
+    let out = lab.send(HOST, &syn);
+    assert_eq!(out.verdict, Verdict::Tx(PORT_A));
+    let fwd = out.seen();
+    assert_eq!((fwd.dst, fwd.ports.1), (POD_A, 8080), "DNAT to the backend");
+    assert_eq!(fwd.src, NODE_IP, "SNAT to the node address ...");
+    let (lo, hi) = node_config().snat_ports;
+    assert!(
+        (lo..=hi).contains(&fwd.ports.0),
+        "... in the SNAT port range, so the reply is steered to kxp"
+    );
+    let reply = from_pod_a(&mut lab, tcp((POD_A, 8080), (NODE_IP, fwd.ports.0), TCP_SYN | TCP_ACK));
+    assert_eq!(reply.verdict, Verdict::Tx(HOST), "back into the node's stack");
+    let back = reply.seen();
+    assert_eq!((back.src, back.ports.0), (CLUSTER_IP, 80));
+    assert_eq!((back.dst, back.ports.1), (NODE_IP, 40000));
 }

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use dataplane::addr::Cidr;
 use dataplane::flow::FlowState;
 use dataplane::tables::{PortRole, Tables};
 use dataplane::Reader;
@@ -12,7 +13,8 @@ use hdrhistogram::Histogram;
 
 use crate::host::{self, PortSpec};
 use crate::steering::{Steering, SteeringError, SteeringStats};
-use crate::worker::{self, WorkerHandle, WorkerReport, WorkerSpec};
+use crate::tun::{HostTun, TunError};
+use crate::worker::{self, HostPort, WorkerHandle, WorkerReport, WorkerSpec};
 use crate::xsk::{PortName, RingSizes, XskError, XskSet};
 
 #[derive(Clone, Debug)]
@@ -27,6 +29,16 @@ pub struct DatapathConfig {
     pub batch: usize,
     /// Try zero-copy on each socket first (copy mode where unsupported).
     pub zero_copy: bool,
+    /// The node's own way to services (a TUN device routed to kxp).
+    pub host: Option<HostConfig>,
+}
+
+/// The TUN device the node routes service addresses into.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    pub name: String,
+    /// Service address ranges (kube-apiserver's --service-cluster-ip-range).
+    pub cidrs: Vec<Cidr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +59,8 @@ pub enum DatapathError {
     Steering(#[from] SteeringError),
     #[error(transparent)]
     Xsk(#[from] XskError),
+    #[error(transparent)]
+    Tun(#[from] TunError),
     #[error("cannot start a worker thread: {0}")]
     Thread(#[from] std::io::Error),
 }
@@ -67,7 +81,7 @@ pub struct Datapath {
 fn port_name(p: &PortSpec) -> PortName {
     PortName {
         name: p.name.clone(),
-        pod: p.role == PortRole::Pod,
+        role: p.role,
     }
 }
 
@@ -111,11 +125,35 @@ impl Datapath {
             steering.attach(&p.name, p.role)?;
         }
         steering.sync_from(&reader.load())?;
-        let names: Vec<PortName> = cfg.ports.iter().map(port_name).collect();
+        let mut ports = cfg.ports.clone();
+        let host = match &cfg.host {
+            Some(h) => {
+                let uplink = ports
+                    .iter()
+                    .find(|p| p.role == PortRole::Uplink)
+                    .map(|p| p.name.as_str());
+                let src = uplink.and_then(host::first_ipv4).ok_or_else(|| TunError::Route {
+                    name: h.name.clone(),
+                    what: "service addresses".into(),
+                    reason: "the uplink has no IPv4 address to use as their source".into(),
+                })?;
+                let tun = HostTun::open(&h.name, &h.cidrs, src)?;
+                ports.push(PortSpec {
+                    name: h.name.clone(),
+                    role: PortRole::Host,
+                });
+                Some(Arc::new(tun))
+            }
+            None => None,
+        };
+        let names: Vec<PortName> = ports.iter().map(port_name).collect();
         let mut workers = Vec::with_capacity(cfg.queues as usize);
         for queue in 0..cfg.queues {
             let set = XskSet::open(&names, queue, cfg.rings, cfg.zero_copy)?;
-            for (name, port) in names.iter().zip(set.ports.iter().flatten()) {
+            for (name, port) in names.iter().zip(&set.ports) {
+                let Some(port) = port else {
+                    continue; // the TUN device: no socket
+                };
                 steering.bind_socket(&name.name, queue, port.fd())?;
                 let mode = if port.copy_mode { "copy" } else { "zero-copy" };
                 tracing::info!(iface = %name.name, queue, mode, "AF_XDP socket bound");
@@ -125,18 +163,23 @@ impl Datapath {
                 queue,
                 core,
                 batch: cfg.batch,
+                // Every worker reads the TUN device (each read takes one
+                // packet) and writes the replies it routes to the node.
+                host: host.clone().map(|tun| HostPort {
+                    tun,
+                    index: ports.len() - 1,
+                }),
             };
             workers.push(worker::spawn(spec, set, reader.clone(), flows.clone())?);
         }
         Ok(Datapath {
             workers,
             steering,
-            ports: cfg.ports.iter().cloned().map(Some).collect(),
-            ifindexes: cfg
-                .ports
+            ifindexes: ports
                 .iter()
                 .map(|p| host::link_info(&p.name).map_or(0, |l| l.ifindex))
                 .collect(),
+            ports: ports.into_iter().map(Some).collect(),
             queues: cfg.queues,
         })
     }

@@ -26,6 +26,8 @@ pub struct HostFacts {
     /// Indexed by `PortId`, like `NodeConfig::ports`.
     pub ports: Vec<PortInfo>,
     pub uplink: PortId,
+    /// The node's TUN port, if there is one.
+    pub host_port: Option<PortId>,
     /// The uplink's first IPv4 address and directly attached subnet.
     pub uplink_ip: Option<Ipv4Addr>,
     pub uplink_subnet: Option<Cidr>,
@@ -172,6 +174,14 @@ fn addresses() -> Vec<(String, Ipv4Addr, u8)> {
         .collect()
 }
 
+/// The first IPv4 address of `iface`.
+pub fn first_ipv4(iface: &str) -> Option<Ipv4Addr> {
+    addresses()
+        .into_iter()
+        .find(|(dev, _, _)| dev == iface)
+        .map(|(_, ip, _)| ip)
+}
+
 /// Reads the kernel's view for `ports` (by `PortId`, holes where ports
 /// were removed; exactly one uplink). A pod port whose interface has just
 /// vanished reads as a hole; a missing uplink is an error.
@@ -249,6 +259,10 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
     Ok(HostFacts {
         ports: infos,
         uplink,
+        host_port: ports
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.role == PortRole::Host))
+            .map(|i| PortId(i as u16)),
         uplink_ip,
         uplink_subnet,
         gateway,
@@ -329,6 +343,7 @@ pub fn apply(t: &mut Tables, old: Option<&HostFacts>, new: &HostFacts) {
     let mut node = t.node().clone();
     node.ports = new.ports.clone();
     node.uplink = new.uplink;
+    node.host_port = new.host_port;
     if let Some(subnet) = new.uplink_subnet {
         node.uplink_subnet = subnet;
     }

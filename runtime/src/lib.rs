@@ -11,6 +11,7 @@
 pub mod datapath;
 pub mod host;
 pub mod steering;
+pub mod tun;
 pub mod worker;
 pub mod xsk;
 

@@ -23,6 +23,7 @@ use hdrhistogram::Histogram;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use xsk_rs::FrameDesc;
 
+use crate::tun::{HostTun, L2_LEN};
 use crate::xsk::{FrameAccount, KernelDrops, PortName, XskError, XskSet};
 
 const REPORT_EVERY: Duration = Duration::from_millis(100);
@@ -45,6 +46,8 @@ pub struct RuntimeCounters {
     pub sleeps: u64,
     /// Frames that grew past their UMEM frame (encap of a near-jumbo).
     pub oversized: u64,
+    /// Packets for the node's own stack its TUN device would not take.
+    pub host_dropped: u64,
 }
 
 /// What one worker has done so far.
@@ -161,6 +164,8 @@ pub struct WorkerSpec {
     pub queue: u32,
     pub core: Option<usize>,
     pub batch: usize,
+    /// The node's TUN device, served by one worker.
+    pub host: Option<HostPort>,
 }
 
 pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState>) -> std::io::Result<WorkerHandle> {
@@ -177,7 +182,16 @@ pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState
                 }
             }
             let worker = std::panic::AssertUnwindSafe(|| {
-                run(spec.batch, set, reader, dataplane::Worker::new(flows), &r, &s, inbox)
+                run(
+                    spec.batch,
+                    set,
+                    reader,
+                    dataplane::Worker::new(flows),
+                    &r,
+                    &s,
+                    inbox,
+                    spec.host,
+                )
             });
             if std::panic::catch_unwind(worker).is_err() {
                 // A worker that died would leave its queue to XDP_PASS, the
@@ -222,6 +236,106 @@ fn apply(set: &mut XskSet, cmd: Command) {
     }
 }
 
+/// Where a worker sends frames the engine routes to the node's own stack.
+pub struct HostPort {
+    pub tun: Arc<HostTun>,
+    /// Its `PortId` index.
+    pub index: usize,
+}
+
+/// Runs one received frame (packet at `off`, `len` bytes) through the
+/// engine and puts it where the verdict says: a TX batch, the node's TUN
+/// device, or back on the free list.
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    set: &mut XskSet,
+    engine: &mut dataplane::Worker,
+    now: Time,
+    tables: &dataplane::Tables,
+    ingress: usize,
+    mut desc: FrameDesc,
+    (off, len): (usize, usize),
+    out: &mut [Vec<FrameDesc>],
+    host: Option<&HostPort>,
+    counters: &mut RuntimeCounters,
+) {
+    let (buf, _, _) = set.frame_mut(&mut desc);
+    let mut frame = Frame::new(buf, off, len);
+    match engine.process(now, tables, PortId(ingress as u16), &mut frame) {
+        Verdict::Tx(PortId(q)) if host.is_some_and(|h| h.index == usize::from(q)) => {
+            // Into the node's stack: the IP packet, without the Ethernet
+            // header the engine wrote.
+            let sent = frame.len() > L2_LEN && host.is_some_and(|h| h.tun.write(&frame.data()[L2_LEN..]));
+            if !sent {
+                counters.host_dropped += 1;
+            }
+            set.release(desc);
+        }
+        Verdict::Tx(PortId(q)) if usize::from(q) < out.len() => {
+            let (off, len) = (frame.headroom(), frame.len());
+            if set.set_packet(&mut desc, off, len) {
+                out[usize::from(q)].push(desc);
+            } else {
+                counters.oversized += 1;
+                set.release(desc);
+            }
+        }
+        Verdict::Tx(_) => set.release(desc),
+        Verdict::Pass => {
+            counters.kernel_return_dropped += 1;
+            set.release(desc);
+        }
+        Verdict::Drop(_) => set.release(desc),
+    }
+}
+
+/// Reads up to `batch` packets the node routed into kxp's TUN device and
+/// forwards them; returns how many.
+#[allow(clippy::too_many_arguments)]
+fn host_rx(
+    set: &mut XskSet,
+    engine: &mut dataplane::Worker,
+    now: Time,
+    tables: &dataplane::Tables,
+    host: &HostPort,
+    batch: usize,
+    out: &mut [Vec<FrameDesc>],
+    counters: &mut RuntimeCounters,
+) -> usize {
+    let mut got = 0;
+    while got < batch {
+        let Some(mut desc) = set.take_free() else {
+            break;
+        };
+        let (buf, off, _) = set.frame_mut(&mut desc);
+        let Some(n) = host.tun.read(&mut buf[off + L2_LEN..]) else {
+            set.release(desc);
+            break;
+        };
+        // An Ethernet header so the engine sees a frame like any port's.
+        buf[off..off + 12].fill(0);
+        buf[off + 12..off + 14].copy_from_slice(&0x0800u16.to_be_bytes());
+        got += 1;
+        forward(
+            set,
+            engine,
+            now,
+            tables,
+            host.index,
+            desc,
+            (off, L2_LEN + n),
+            out,
+            Some(host),
+            counters,
+        );
+    }
+    got
+}
+
+/// Passes between reads of the TUN device (each read is a syscall).
+const HOST_EVERY: u32 = 8;
+
+#[allow(clippy::too_many_arguments)]
 fn run(
     batch: usize,
     mut set: XskSet,
@@ -230,6 +344,7 @@ fn run(
     shared: &Mutex<WorkerReport>,
     stop: &AtomicBool,
     commands: mpsc::Receiver<Command>,
+    host: Option<HostPort>,
 ) {
     let mut nports = set.ports.len();
     let mut rx = vec![FrameDesc::default(); batch];
@@ -238,6 +353,7 @@ fn run(
     let mut latency = new_histogram();
     let mut last_report = monotonic();
     let mut idle = 0u32;
+    let mut pass = 0u32;
     while !stop.load(Ordering::Relaxed) {
         // One clock read per pass (two when packets moved): in a VM the
         // vDSO clock costs tens of nanoseconds.
@@ -248,26 +364,24 @@ fn run(
             let n = set.receive(port, &mut rx);
             got += n;
             for desc in &mut rx[..n] {
-                let (buf, off, len) = set.frame_mut(desc);
-                let mut frame = Frame::new(buf, off, len);
-                match engine.process(now, &tables, PortId(port as u16), &mut frame) {
-                    Verdict::Tx(PortId(q)) if usize::from(q) < nports => {
-                        let (off, len) = (frame.headroom(), frame.len());
-                        if set.set_packet(desc, off, len) {
-                            out[usize::from(q)].push(*desc);
-                        } else {
-                            counters.oversized += 1;
-                            set.release(*desc);
-                        }
-                    }
-                    Verdict::Tx(_) => set.release(*desc),
-                    Verdict::Pass => {
-                        counters.kernel_return_dropped += 1;
-                        set.release(*desc);
-                    }
-                    Verdict::Drop(_) => set.release(*desc),
-                }
+                let (_, off, len) = set.frame_mut(desc);
+                forward(
+                    &mut set,
+                    &mut engine,
+                    now,
+                    &tables,
+                    port,
+                    *desc,
+                    (off, len),
+                    &mut out,
+                    host.as_ref(),
+                    &mut counters,
+                );
             }
+        }
+        pass = pass.wrapping_add(1);
+        if let Some(h) = host.as_ref().filter(|_| pass % HOST_EVERY == 0) {
+            got += host_rx(&mut set, &mut engine, now, &tables, h, batch, &mut out, &mut counters);
         }
         drop(tables);
         for (port, frames) in out.iter_mut().enumerate() {
@@ -285,8 +399,9 @@ fn run(
             idle += 1;
             if idle >= SPINS_BEFORE_SLEEP {
                 counters.sleeps += 1;
-                sleep_until_readable(&set);
+                sleep_until_readable(&set, host.as_ref());
                 idle = 0;
+                pass = 0; // read the TUN device right after waking
             }
         }
         if now.since(last_report) >= REPORT_EVERY {
@@ -334,15 +449,20 @@ fn publish(
     r.running = running;
 }
 
-/// Sleeps until a port has frames to receive, or SLEEP_MS.
-fn sleep_until_readable(set: &XskSet) {
-    let mut fds: Vec<PollFd> = set
+/// Sleeps until a port (or the node's TUN device) has frames to receive, or
+/// SLEEP_MS.
+fn sleep_until_readable(set: &XskSet, host: Option<&HostPort>) {
+    let fds = set
         .ports
         .iter()
         .flatten()
-        // SAFETY: the fds belong to sockets `set` owns, which outlive this
-        // call; poll(2) only reads them.
-        .map(|p| PollFd::new(unsafe { BorrowedFd::borrow_raw(p.fd()) }, PollFlags::POLLIN))
+        .map(|p| p.fd())
+        .chain(host.map(|h| h.tun.fd()));
+    let mut polled: Vec<PollFd> = fds
+        // SAFETY: the fds belong to sockets `set` owns and to the TUN device
+        // `host` holds, all of which outlive this call; poll(2) only reads
+        // them.
+        .map(|fd| PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, PollFlags::POLLIN))
         .collect();
-    let _ = nix::poll::poll(&mut fds, PollTimeout::from(SLEEP_MS));
+    let _ = nix::poll::poll(&mut polled, PollTimeout::from(SLEEP_MS));
 }

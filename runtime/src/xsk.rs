@@ -18,6 +18,7 @@ use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use dataplane::tables::PortRole;
 use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
@@ -54,11 +55,12 @@ pub const POD_RING: u32 = 256;
 /// Pod ports the pool has frames for beyond those present at start.
 pub const SPARE_POD_PORTS: usize = 64;
 
-/// One port of a set: its name and whether it faces a pod.
+/// One port of a set: its name and what it faces. A `Host` port (the TUN
+/// device) has no socket: its index stays a hole in the set.
 #[derive(Clone, Debug)]
 pub struct PortName {
     pub name: String,
-    pub pod: bool,
+    pub role: PortRole,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,14 +166,13 @@ impl XskSet {
             .map_err(|e| XskError::Config(e.to_string()))?;
         // Enough for every port's fill and TX rings to be full at once, and
         // for pods that arrive later.
-        let per_port = |pod: bool| {
-            if pod {
-                2 * POD_RING.min(sizes.fill) as usize
-            } else {
-                (sizes.fill + sizes.tx) as usize
-            }
+        let per_port = |role: PortRole| match role {
+            PortRole::Pod => 2 * POD_RING.min(sizes.fill) as usize,
+            PortRole::Uplink => (sizes.fill + sizes.tx) as usize,
+            // Frames read from the node's TUN device, a batch at a time.
+            PortRole::Host => sizes.rx.min(256) as usize,
         };
-        let total = ports.iter().map(|p| per_port(p.pod)).sum::<usize>() + SPARE_POD_PORTS * per_port(true);
+        let total = ports.iter().map(|p| per_port(p.role)).sum::<usize>() + SPARE_POD_PORTS * per_port(PortRole::Pod);
         let count = NonZeroU32::new(total as u32).ok_or_else(|| XskError::Config("no interfaces".into()))?;
         let (umem, free) = Umem::new(umem_cfg, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
         let mut set = XskSet {
@@ -185,7 +186,11 @@ impl XskSet {
             mode,
         };
         for p in ports {
-            set.add_port(set.ports.len(), p)?;
+            if p.role == PortRole::Host {
+                set.ports.push(None);
+            } else {
+                set.add_port(set.ports.len(), p)?;
+            }
         }
         Ok(set)
     }
@@ -199,7 +204,8 @@ impl XskSet {
             reason,
         };
         let q = |n: u32| QueueSize::new(n).map_err(|e| XskError::Config(e.to_string()));
-        let ring = if port.pod {
+        let pod = port.role == PortRole::Pod;
+        let ring = if pod {
             POD_RING.min(self.sizes.rx)
         } else {
             self.sizes.rx
@@ -224,7 +230,7 @@ impl XskSet {
             fill,
             comp,
             in_fill: VecDeque::with_capacity(ring as usize),
-            fill_target: if port.pod {
+            fill_target: if pod {
                 POD_RING.min(self.sizes.fill) as usize
             } else {
                 self.sizes.fill as usize
@@ -354,6 +360,20 @@ impl XskSet {
         let mut data = unsafe { self.umem.data_mut(desc) };
         data.cursor().set_pos(len);
         true
+    }
+
+    /// A free frame for a packet that does not arrive through a socket (from
+    /// the node's TUN device); the caller must `transmit` or `release` it.
+    /// Only while the fill rings have what they need, so the TUN device
+    /// never starves a port.
+    pub fn take_free(&mut self) -> Option<FrameDesc> {
+        let wanted: usize = self
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.fill_target.saturating_sub(p.in_fill.len()))
+            .sum();
+        (self.free.len() > wanted).then(|| self.free.pop()).flatten()
     }
 
     /// Returns a frame the caller will not send to the free list.

@@ -93,6 +93,7 @@ fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
             batch: 64,
             // veth has no zero-copy: every socket falls back to copy mode.
             zero_copy: true,
+            host: None,
         };
         let flows = Arc::new(FlowState::new(CtConfig::default()));
         let dp = Datapath::start(&cfg, publisher.reader(), flows).expect("datapath starts");

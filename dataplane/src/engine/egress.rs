@@ -137,10 +137,13 @@ fn resolve(t: &Tables, dst: Ipv4Addr) -> Result<Egress, DropReason> {
             next_hop: uplink_next_hop(t, node.node_ip)?,
         });
     }
-    if t.node().is_node_ip(dst) {
-        // A host-network backend on this very node: kxp has no path into
-        // the local stack from userspace.
-        return Err(DropReason::NoRoute);
+    if t.node().is_host_addr(dst) {
+        // Into this node's own stack: a reply to the node's own connection
+        // through its TUN port. (A host-network backend on this very node
+        // would need its replies back through kxp too: not supported.)
+        let port = t.node().host_port.ok_or(DropReason::NoRoute)?;
+        let mac = t.node().port(port).ok_or(DropReason::UnknownPort)?.mac;
+        return Ok(Egress::Direct { port, mac });
     }
     Ok(Egress::Direct {
         port: t.node().uplink,

@@ -55,6 +55,8 @@ enum Origin {
     Pod,
     /// Decapsulated from VXLAN.
     Overlay,
+    /// From this node's own stack (its TUN device).
+    Host,
 }
 
 /// One worker's engine state. Flow state is shared with the other workers;
@@ -119,6 +121,7 @@ impl Worker {
     fn dispatch(&mut self, now: Time, t: &Tables, ingress: PortId, frame: &mut Frame) -> Result<Verdict, DropReason> {
         let origin = match t.node().port(ingress) {
             Some(p) if p.role == PortRole::Uplink => Origin::Uplink,
+            Some(p) if p.role == PortRole::Host => Origin::Host,
             Some(_) => Origin::Pod,
             None => return Err(DropReason::UnknownPort),
         };
@@ -183,6 +186,9 @@ impl Worker {
                 true
             }
             Origin::Uplink => false,
+            // The node only sends kxp what it routes to kxp's TUN device
+            // (service addresses): anything else there has nowhere to go.
+            Origin::Host => return Err(DropReason::NoRoute),
         };
         if !routed {
             return Ok(Verdict::Pass);

@@ -1,7 +1,7 @@
 //! Service NAT: conntrack lookups, new flows (backend choice, SNAT), and the
 //! rewrite itself.
 
-use super::{DropReason, Frame, Pkt, Verdict, Worker};
+use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
 use crate::addr::{BackendAddr, Endpoint, Proto};
 use crate::flow::conntrack::{Entry, InsertError};
 use crate::flow::tcp::{self, CtState, FIN_FORWARD, FIN_REPLY};
@@ -163,8 +163,10 @@ impl Worker {
             // eTP=Local keeps the client address (the backend is local).
             Reach::External => !svc.external_local,
         };
-        // Hairpin: a pod sent to its own service and got itself.
-        let snat = masquerade || backend.ip == pkt.ip.src;
+        // Hairpin: a pod sent to its own service and got itself. The node's
+        // own connections are masqueraded too, so their replies (to the SNAT
+        // port range) come back through kxp, which hands them to the node.
+        let snat = masquerade || backend.ip == pkt.ip.src || pkt.origin == Origin::Host;
         let nat_ip = if snat { node.snat_ip } else { pkt.ip.src };
         let (lo, hi) = node.snat_ports;
         let span = u32::from(hi.saturating_sub(lo)) + 1;

@@ -12,6 +12,9 @@ pub enum PortRole {
     Uplink,
     /// The node side of a local pod's veth.
     Pod,
+    /// The node's own stack (a TUN device): its packets to ClusterIPs, and
+    /// the way back to it.
+    Host,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +83,9 @@ pub struct NodeConfig {
     /// Indexed by `PortId`.
     pub ports: Vec<PortInfo>,
     pub uplink: PortId,
+    /// The port into this node's own stack, if there is one: replies to the
+    /// node's connections to services leave through it.
+    pub host_port: Option<PortId>,
     /// The uplink's directly attached subnet; other destinations go via
     /// `gateway`.
     pub uplink_subnet: Cidr,
@@ -134,6 +140,7 @@ impl NodeConfig {
                 role: PortRole::Uplink,
             }],
             uplink: PortId(0),
+            host_port: None,
             uplink_subnet: subnet,
             gateway: None,
             vxlan: VxlanConfig::default(),

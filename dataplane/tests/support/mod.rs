@@ -31,6 +31,8 @@ pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 5);
 pub const UPLINK: PortId = PortId(0);
 pub const PORT_A: PortId = PortId(1);
 pub const PORT_B: PortId = PortId(2);
+/// The node's own stack (its TUN device).
+pub const HOST: PortId = PortId(3);
 
 pub const UPLINK_MAC: Mac = Mac([0x02, 0, 0, 0, 0, 0x01]);
 pub const PORT_A_MAC: Mac = Mac([0x02, 0, 0, 0, 1, 0x01]);
@@ -64,6 +66,13 @@ pub fn node_config() -> NodeConfig {
         vlan: None,
         role: PortRole::Pod,
     });
+    n.ports.push(PortInfo {
+        name: "kxp0".into(),
+        mac: Mac::default(),
+        vlan: None,
+        role: PortRole::Host,
+    });
+    n.host_port = Some(HOST);
     n
 }
 

@@ -1,0 +1,115 @@
+//! The node's own way into kxp: a TUN device (`kxp0`) that the node routes
+//! service addresses to. kube-proxy serves the node's own connections to
+//! ClusterIPs in netfilter's OUTPUT hook; those packets never pass an XDP
+//! hook, so kxp has the kernel route them to this device instead, reads them
+//! like frames from any port, and writes the replies back into it.
+//!
+//! Layer 3 (no Ethernet, no ARP): the worker adds and strips a 14-byte
+//! Ethernet header so the engine sees frames as from every other port.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use dataplane::addr::Cidr;
+
+/// Length of the Ethernet header the worker adds in front of TUN packets.
+pub const L2_LEN: usize = 14;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    #[error("cannot create the TUN device {name} ({reason}); kxp needs CAP_NET_ADMIN and /dev/net/tun (modprobe tun)")]
+    Create { name: String, reason: String },
+    #[error("cannot route {what} into {name}: {reason}")]
+    Route { name: String, what: String, reason: String },
+}
+
+pub struct HostTun {
+    file: File,
+    pub name: String,
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: the name, then the flags (the
+/// rest of the kernel's union is padding here).
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: i16,
+    pad: [u8; 22],
+}
+
+impl HostTun {
+    /// Creates (or takes over) TUN device `name`, brings it up, and routes
+    /// `cidrs` into it with source `src` (the node address replies go to).
+    pub fn open(name: &str, cidrs: &[Cidr], src: Ipv4Addr) -> Result<HostTun, TunError> {
+        let err = |reason: String| TunError::Create {
+            name: name.to_string(),
+            reason,
+        };
+        if name.is_empty() || name.len() > 15 {
+            return Err(err("the name must be 1 to 15 bytes".into()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| err(e.to_string()))?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (nix::libc::IFF_TUN | nix::libc::IFF_NO_PI) as i16,
+            pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads a `struct ifreq` (40 bytes on Linux) at the
+        // pointer: `IfReq` is repr(C) with the same layout and size, lives
+        // for the call, and the fd is an open /dev/net/tun.
+        let rc = unsafe { nix::libc::ioctl(file.as_raw_fd(), nix::libc::TUNSETIFF, &mut req as *mut IfReq) };
+        if rc < 0 {
+            return Err(err(std::io::Error::last_os_error().to_string()));
+        }
+        let tun = HostTun {
+            file,
+            name: name.to_string(),
+        };
+        let ip = |args: &[&str], what: &str| -> Result<(), TunError> {
+            let out = std::process::Command::new("ip").args(args).output();
+            match out {
+                Ok(o) if o.status.success() => Ok(()),
+                Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+            .map_err(|reason| TunError::Route {
+                name: name.to_string(),
+                what: what.to_string(),
+                reason,
+            })
+        };
+        ip(&["link", "set", name, "up"], "(link up)")?;
+        for c in cidrs {
+            let cidr = c.to_string();
+            ip(
+                &["route", "replace", &cidr, "dev", name, "src", &src.to_string()],
+                &cidr,
+            )?;
+        }
+        Ok(tun)
+    }
+
+    /// One packet from the node into `buf`, or `None` when there is none.
+    pub fn read(&self, buf: &mut [u8]) -> Option<usize> {
+        (&self.file).read(buf).ok().filter(|n| *n > 0)
+    }
+
+    /// One packet to the node; a full queue drops it (counted by the
+    /// caller), as a NIC would.
+    pub fn write(&self, packet: &[u8]) -> bool {
+        (&self.file).write(packet).is_ok()
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}

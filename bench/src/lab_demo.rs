@@ -443,7 +443,11 @@ fn print_workers(lab: &Lab, kxps: &[Kxp]) {
             lat("1"),
             q("kxp_worker_packets", "direction=\"rx\""),
             q("kxp_worker_packets", "direction=\"tx\""),
-            q("kxp_worker_drops", ""),
+            // xsk_rx_ring_full and xsk_fill_ring_empty are causes of
+            // drops xsk_rx_dropped already counts.
+            q("kxp_worker_drops", "")
+                - q("kxp_worker_drops", "xsk_rx_ring_full")
+                - q("kxp_worker_drops", "xsk_fill_ring_empty"),
         );
         let reasons: Vec<String> = m
             .lines()

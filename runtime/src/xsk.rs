@@ -50,10 +50,12 @@ impl Default for RingSizes {
 }
 
 /// A pod's veth carries one pod's traffic: its rings and its share of the
-/// fill frames are smaller than the uplink's.
-pub const POD_RING: u32 = 256;
-/// Pod ports the pool has frames for beyond those present at start.
-pub const SPARE_POD_PORTS: usize = 64;
+/// fill frames are half the uplink's (a multi-gigabit TCP stream from one
+/// pod starves with 256: measured in the lab demo).
+pub const POD_RING: u32 = 1024;
+/// Pod ports the pool has frames for beyond those present at start; more
+/// pods share the pool more thinly.
+pub const SPARE_POD_PORTS: usize = 8;
 
 /// One port of a set: its name and what it faces. A `Host` port (the TUN
 /// device) has no socket: its index stays a hole in the set.

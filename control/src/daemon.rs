@@ -171,7 +171,10 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
             let dp = Arc::new(Mutex::new(Datapath::start(&dp_cfg, reader.clone(), flows)?));
             tracing::info!(ports = ?dp_cfg.ports, queues = dp_cfg.queues, "datapath running");
             let reports = dp.clone();
-            metrics.set_worker_source(Box::new(move || lock(&reports).reports()));
+            metrics.set_worker_source(Box::new(move || {
+                let mut dp = lock(&reports);
+                (dp.reports(), dp.steering_stats())
+            }));
             let publish_dp = dp.clone();
             let hook: PublishHook = Box::new(move |t: &Tables| {
                 if let Err(e) = lock(&publish_dp).on_publish(t) {

@@ -37,6 +37,8 @@ pub struct Metrics {
     worker_drops: Family<Vec<(String, String)>, Gauge>,
     worker_latency: Family<Vec<(String, String)>, Gauge>,
     worker_frames: Family<Vec<(String, String)>, Gauge>,
+    /// kxp: what the XDP program did with each frame (all ports).
+    steering_packets: Family<Vec<(String, String)>, Gauge>,
     workers: Mutex<Option<WorkerSource>>,
 }
 
@@ -44,7 +46,7 @@ pub struct Metrics {
 const QUANTILES: [(&str, f64); 5] = [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99), ("0.999", 0.999), ("1", 1.0)];
 
 /// Where the per-worker reports come from (the running datapath).
-pub type WorkerSource = Box<dyn Fn() -> Vec<runtime::worker::WorkerReport> + Send + Sync>;
+pub type WorkerSource = Box<dyn Fn() -> (Vec<runtime::worker::WorkerReport>, runtime::SteeringStats) + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -69,6 +71,7 @@ impl Metrics {
             worker_drops: Family::default(),
             worker_latency: Family::default(),
             worker_frames: Family::default(),
+            steering_packets: Family::default(),
             workers: Mutex::new(None),
             registry: Registry::default(),
         };
@@ -137,6 +140,11 @@ impl Metrics {
             "UMEM frames per worker by place: free, fill (lent for RX), tx (in flight), total",
             m.worker_frames.clone(),
         );
+        registry.register(
+            "kxp_steering_packets",
+            "Frames the XDP program saw, redirected to kxp's sockets (XDP_PASS when none is bound), and passed to the kernel",
+            m.steering_packets.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -149,7 +157,15 @@ impl Metrics {
         let Some(source) = guard.as_ref() else {
             return;
         };
-        let reports = source();
+        let (reports, steering) = source();
+        for (verdict, n) in [
+            ("seen", steering.seen),
+            ("redirected", steering.redirected),
+            ("passed", steering.passed),
+        ] {
+            let labels = vec![("verdict".to_string(), verdict.to_string())];
+            self.steering_packets.get_or_create(&labels).set(n as i64);
+        }
         if reports.len() > 1 {
             let all = runtime::datapath::merged_latency(&reports);
             for (name, q) in QUANTILES {

@@ -203,6 +203,9 @@ fn clusterip_tcp_and_udp_reach_same_node_and_cross_node_backends() {
     // The other node's pod reaches both through its own kxp.
     assert!(iperf(c.pod(2, 1), vip(10), PORT, "1M", false) >= 1e6);
     assert_eq!(c.dropped("kernel_return"), 0.0, "nothing steered to kxp was lost");
+    let steered = c.kxps[0].metric_sum("kxp_steering_packets", &["verdict=\"redirected\""]);
+    let rx = c.kxps[0].metric_sum("kxp_worker_packets", &["direction=\"rx\""]);
+    assert!(steered > 0.0 && rx > 0.0, "steered {steered}, received {rx}");
     assert_eq!(c.dropped("tx_ring_full"), 0.0);
     c.assert_no_checksum_errors();
 }

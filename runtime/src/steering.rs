@@ -332,9 +332,4 @@ impl Steering {
             passed: sum(2)?,
         })
     }
-
-    /// The interfaces the program is attached to.
-    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
-        self.ports.keys().map(String::as_str)
-    }
 }

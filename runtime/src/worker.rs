@@ -1,7 +1,10 @@
 //! A pinned worker thread: batch RX from queue `q` of every port -> engine
-//! -> batch TX, on one UMEM. No syscall per packet: RX and completion rings
-//! are read without one, TX costs one wakeup per port per batch (copy mode
-//! needs it), and an idle worker sleeps in poll(2) instead of spinning.
+//! -> batch TX, on one UMEM. No syscall per packet on the ports: RX and
+//! completion rings are read without one, TX costs a wakeup per port per
+//! batch (per 32 frames in copy mode, the kernel's budget per wakeup), and
+//! an idle worker sleeps in poll(2) instead of spinning. The node's own
+//! traffic through the TUN device (light by nature) costs a read or write
+//! per packet. Ports are added and removed between batches, on command.
 //!
 //! Latency is recorded **per batch**: from the moment the batch's RX ring
 //! was read to the moment its last TX ring was submitted, counted once for
@@ -97,8 +100,9 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Runs `cmd` on the worker between batches (within REPORT_EVERY) and
-    /// waits for its answer.
+    /// Has the worker open a socket for `port` as port `index`, between
+    /// batches (within REPORT_EVERY); returns the socket's fd for the
+    /// XSKMAP.
     pub fn add_port(&self, index: usize, port: PortName) -> Result<RawFd, XskError> {
         let (reply, answer) = mpsc::channel();
         let gone = || XskError::Socket {

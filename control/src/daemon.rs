@@ -91,7 +91,9 @@ pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
         rings: RingSizes::default(),
         batch: 64,
         zero_copy: true,
-        host: (!cfg.service_cidrs.is_empty()).then(|| HostConfig {
+        // Always: a host-network backend on this node is reached through it
+        // too; the node's own connections to services need serviceCIDRs.
+        host: Some(HostConfig {
             name: cfg.host_device.clone(),
             cidrs: cfg.service_cidrs.clone(),
         }),

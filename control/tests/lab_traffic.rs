@@ -537,3 +537,37 @@ fn the_node_itself_reaches_cluster_ips_through_kxp() {
         .sum();
     assert_eq!(dropped, 0.0);
 }
+
+#[test]
+fn a_host_network_backend_is_reached_from_pods_on_its_node_and_on_others() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    // Like the `kubernetes` service on a control-plane node: the endpoint is
+    // the node's own address.
+    let lab = Lab::build(2, 1).expect("lab builds");
+    let dir = tempfile::tempdir().unwrap();
+    let mut api = Svc::new("api", vip(110), 443, &[(node_ip(1), 1)]);
+    api.target_port = 7700;
+    api.protocols = vec!["TCP"];
+    write_manifests(&dir.path().join("manifests"), &lab, &[api]).unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_kxp"));
+    // No serviceCIDRs: the way into the node's stack exists regardless.
+    let _kxps: Vec<Kxp> = lab
+        .nodes
+        .iter()
+        .map(|n| Kxp::start(bin, n, &dir.path().join("manifests"), dir.path()).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let server = Listener::start(&lab.nodes[0].host.ns, 7700, "node1").unwrap();
+    assert_eq!(
+        greet(&lab.nodes[0].pods[0], sa(vip(110), 443)),
+        "node1",
+        "from a pod on the same node"
+    );
+    assert_eq!(
+        greet(&lab.nodes[1].pods[0], sa(vip(110), 443)),
+        "node1",
+        "from a pod on another node"
+    );
+    assert_eq!(server.peers().len(), 2);
+}

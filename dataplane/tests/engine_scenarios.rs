@@ -809,3 +809,24 @@ fn the_nodes_own_connection_to_a_cluster_ip_is_masqueraded_and_answered_through_
     assert_eq!((back.src, back.ports.0), (CLUSTER_IP, 80));
     assert_eq!((back.dst, back.ports.1), (NODE_IP, 40000));
 }
+
+#[test]
+fn a_backend_on_the_nodes_own_address_is_reached_through_the_host_port_and_answers_back() {
+    let mut api = ServiceSpec::cluster_ip(SvcId(7), "default/kubernetes:https", CLUSTER_IP, 443, Proto::Tcp);
+    api.endpoints = vec![ep(NODE_IP, 6443, true)];
+    let mut lab = Lab::new(&[api]);
+    let out = from_pod_b(&mut lab, tcp((POD_B, 5555), (CLUSTER_IP, 443), TCP_SYN));
+    assert_eq!(out.verdict, Verdict::Tx(HOST), "into the node's stack");
+    let fwd = out.seen();
+    assert_eq!((fwd.dst, fwd.ports.1), (NODE_IP, 6443));
+    assert_eq!(fwd.src, HOST_SNAT_IP, "SNAT to the address routed back into kxp");
+    // The node answers to that address, through the host port.
+    let reply = tcp((NODE_IP, 6443), (HOST_SNAT_IP, fwd.ports.0), TCP_SYN | TCP_ACK)
+        .macs(Mac::default(), Mac::default())
+        .build();
+    let back = lab.send(HOST, &reply);
+    assert_eq!(back.verdict, Verdict::Tx(PORT_B));
+    let seen = back.seen();
+    assert_eq!((seen.src, seen.ports.0), (CLUSTER_IP, 443));
+    assert_eq!((seen.dst, seen.ports.1), (POD_B, 5555));
+}

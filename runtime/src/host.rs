@@ -344,6 +344,7 @@ pub fn apply(t: &mut Tables, old: Option<&HostFacts>, new: &HostFacts) {
     node.ports = new.ports.clone();
     node.uplink = new.uplink;
     node.host_port = new.host_port;
+    node.host_snat_ip = new.host_port.map(|_| crate::tun::HOST_SNAT_IP);
     if let Some(subnet) = new.uplink_subnet {
         node.uplink_subnet = subnet;
     }

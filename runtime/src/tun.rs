@@ -18,6 +18,11 @@ use dataplane::addr::Cidr;
 /// Length of the Ethernet header the worker adds in front of TUN packets.
 pub const L2_LEN: usize = 14;
 
+/// The source kxp gives flows it delivers to a backend on the node's own
+/// address; routed into the TUN device so the node's replies come back to
+/// kxp (link-local: never seen off the node).
+pub const HOST_SNAT_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
     #[error("cannot create the TUN device {name} ({reason}); kxp needs CAP_NET_ADMIN and /dev/net/tun (modprobe tun)")]
@@ -95,6 +100,8 @@ impl HostTun {
                 &cidr,
             )?;
         }
+        let back = format!("{HOST_SNAT_IP}/32");
+        ip(&["route", "replace", &back, "dev", name], &back)?;
         Ok(tun)
     }
 

@@ -138,9 +138,9 @@ fn resolve(t: &Tables, dst: Ipv4Addr) -> Result<Egress, DropReason> {
         });
     }
     if t.node().is_host_addr(dst) {
-        // Into this node's own stack: a reply to the node's own connection
-        // through its TUN port. (A host-network backend on this very node
-        // would need its replies back through kxp too: not supported.)
+        // Into this node's own stack through its TUN port: a reply to the
+        // node's own connection, or a flow to a backend on the node's own
+        // address (SNATed to `host_snat_ip`, so its replies come back).
         let port = t.node().host_port.ok_or(DropReason::NoRoute)?;
         let mac = t.node().port(port).ok_or(DropReason::UnknownPort)?.mac;
         return Ok(Egress::Direct { port, mac });

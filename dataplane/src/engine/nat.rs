@@ -167,7 +167,17 @@ impl Worker {
         // own connections are masqueraded too, so their replies (to the SNAT
         // port range) come back through kxp, which hands them to the node.
         let snat = masquerade || backend.ip == pkt.ip.src || pkt.origin == Origin::Host;
-        let nat_ip = if snat { node.snat_ip } else { pkt.ip.src };
+        // A backend on this node's own address answers through the node's
+        // stack, which would reply straight to the client: SNAT to the
+        // address routed into the host port brings the replies back here.
+        let to_host = node.is_host_addr(backend.ip);
+        let nat_ip = match (to_host, node.host_snat_ip) {
+            (true, Some(ip)) => ip,
+            (true, None) => return Err(DropReason::NoRoute),
+            (false, _) if snat => node.snat_ip,
+            (false, _) => pkt.ip.src,
+        };
+        let snat = snat || to_host;
         let (lo, hi) = node.snat_ports;
         let span = u32::from(hi.saturating_sub(lo)) + 1;
         let start = (hash >> 16) as u32 % span;

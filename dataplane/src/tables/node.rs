@@ -86,6 +86,10 @@ pub struct NodeConfig {
     /// The port into this node's own stack, if there is one: replies to the
     /// node's connections to services leave through it.
     pub host_port: Option<PortId>,
+    /// Source address for flows delivered to a backend on this node's own
+    /// address (a host-network pod here): routed into the host port, so the
+    /// node's replies come back through kxp to be un-NATed.
+    pub host_snat_ip: Option<Ipv4Addr>,
     /// The uplink's directly attached subnet; other destinations go via
     /// `gateway`.
     pub uplink_subnet: Cidr,
@@ -141,6 +145,7 @@ impl NodeConfig {
             }],
             uplink: PortId(0),
             host_port: None,
+            host_snat_ip: None,
             uplink_subnet: subnet,
             gateway: None,
             vxlan: VxlanConfig::default(),

@@ -33,6 +33,8 @@ pub const PORT_A: PortId = PortId(1);
 pub const PORT_B: PortId = PortId(2);
 /// The node's own stack (its TUN device).
 pub const HOST: PortId = PortId(3);
+/// Routed into the host port: the source of flows to host-network backends.
+pub const HOST_SNAT_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 1);
 
 pub const UPLINK_MAC: Mac = Mac([0x02, 0, 0, 0, 0, 0x01]);
 pub const PORT_A_MAC: Mac = Mac([0x02, 0, 0, 0, 1, 0x01]);
@@ -73,6 +75,7 @@ pub fn node_config() -> NodeConfig {
         role: PortRole::Host,
     });
     n.host_port = Some(HOST);
+    n.host_snat_ip = Some(HOST_SNAT_IP);
     n
 }
 

@@ -36,7 +36,7 @@ drop_reasons! {
     WrongVni => "wrong_vni", "VXLAN for another VNI.";
     OverlayNotIpv4 => "overlay_not_ipv4", "Decapsulated frame is not IPv4 (or is an inner fragment for no local pod).";
     TtlExceeded => "ttl_exceeded", "A forwarded packet arrived with TTL <= 1.";
-    NoRoute => "no_route", "Nowhere to send it: an overlay packet for no local pod, or a backend on this node's own address.";
+    NoRoute => "no_route", "Nowhere to send it: an overlay packet for no local pod, or a packet for this node's stack without a host port.";
     NoNeighbor => "no_neighbor", "Next hop's MAC unknown (the runtime fills it from the kernel's neighbour table).";
     NoHeadroom => "no_headroom", "Frame buffer has no room for the headers to add.";
     NoLocalEndpoint => "no_local_endpoint", "Traffic policy Local and no local endpoint (kube-proxy drops these).";

@@ -92,10 +92,16 @@ fn kill_9_leaves_no_xdp_program_and_node_traffic_flows_throughout() {
     }
     let (lab, node, _dir, mut kxp) = lab_with_kxp();
     ping_node(&lab).expect("node reachable with kxp running");
+    node.exec(&["ip", "link", "show", "kxp0"])
+        .expect("kxp's TUN device exists");
     // SIGKILL: no chance to clean up; the kernel drops the link with the process.
     kxp.0.kill().unwrap();
     kxp.0.wait().unwrap();
     wait_for("XDP gone after kill -9", || !node.xdp_attached());
+    // The TUN device (and the routes into it) go with the process too.
+    wait_for("kxp0 gone after kill -9", || {
+        node.exec(&["ip", "link", "show", "kxp0"]).is_err()
+    });
     ping_node(&lab).expect("node reachable after kxp died");
 }
 

@@ -92,6 +92,8 @@ impl HostTun {
                 reason,
             })
         };
+        // IPv4 only: no IPv6 link-local chatter into kxp.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
         ip(&["link", "set", name, "up"], "(link up)")?;
         for c in cidrs {
             let cidr = c.to_string();

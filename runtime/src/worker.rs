@@ -316,6 +316,12 @@ fn host_rx(
             set.release(desc);
             break;
         };
+        if buf[off + L2_LEN] >> 4 != 4 {
+            // The node's IPv6 chatter on a new device (router solicitations,
+            // MLD): not kxp's, and nowhere to go.
+            set.release(desc);
+            continue;
+        }
         // An Ethernet header so the engine sees a frame like any port's.
         buf[off..off + 12].fill(0);
         buf[off + 12..off + 14].copy_from_slice(&0x0800u16.to_be_bytes());

@@ -37,6 +37,7 @@ pub struct Metrics {
     worker_drops: Family<Vec<(String, String)>, Gauge>,
     worker_latency: Family<Vec<(String, String)>, Gauge>,
     worker_frames: Family<Vec<(String, String)>, Gauge>,
+    worker_events: Family<Vec<(String, String)>, Gauge>,
     /// kxp: what the XDP program did with each frame (all ports).
     steering_packets: Family<Vec<(String, String)>, Gauge>,
     workers: Mutex<Option<WorkerSource>>,
@@ -71,6 +72,7 @@ impl Metrics {
             worker_drops: Family::default(),
             worker_latency: Family::default(),
             worker_frames: Family::default(),
+            worker_events: Family::default(),
             steering_packets: Family::default(),
             workers: Mutex::new(None),
             registry: Registry::default(),
@@ -141,6 +143,11 @@ impl Metrics {
             m.worker_frames.clone(),
         );
         registry.register(
+            "kxp_worker_events",
+            "Per worker: flows created, evicted, moved or reset; rejects, ICMP errors translated, frag-needed sent; VXLAN encap/decap",
+            m.worker_events.clone(),
+        );
+        registry.register(
             "kxp_steering_packets",
             "Frames the XDP program saw, redirected to kxp's sockets (XDP_PASS when none is bound), and passed to the kernel",
             m.steering_packets.clone(),
@@ -189,6 +196,19 @@ impl Metrics {
                 ("dropped", st.total_drops()),
             ] {
                 self.worker_packets.get_or_create(&l("direction", dir)).set(n as i64);
+            }
+            for (event, n) in [
+                ("new_flows", st.new_flows),
+                ("ct_evictions", st.ct_evictions),
+                ("flows_rebalanced", st.flows_rebalanced),
+                ("flows_reset", st.flows_reset),
+                ("rejects", st.rejects),
+                ("icmp_translated", st.icmp_translated),
+                ("frag_needed", st.frag_needed),
+                ("encapsulated", st.encapsulated),
+                ("decapsulated", st.decapsulated),
+            ] {
+                self.worker_events.get_or_create(&l("event", event)).set(n as i64);
             }
             for &reason in dataplane::DropReason::ALL {
                 let n = st.drop_count(reason);

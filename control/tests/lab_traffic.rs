@@ -571,3 +571,31 @@ fn a_host_network_backend_is_reached_from_pods_on_its_node_and_on_others() {
     );
     assert_eq!(server.peers().len(), 2);
 }
+
+#[test]
+fn a_packet_too_big_for_the_overlay_teaches_its_sender_the_path_mtu() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let c = Cluster::new(2, 1, &[1], &[]);
+    let (a, b) = (c.pod(1, 0), c.pod(2, 0));
+    // A pod whose MTU ignores the overlay's 50 bytes (unlike Flannel's).
+    a.exec(&["ip", "link", "set", "eth0", "mtu", "1500"]).unwrap();
+    let ping = |size: &str| {
+        let cmd = format!("ping -M do -s {size} -c 1 -W 2 {} 2>&1; true", b.ip);
+        a.exec(&["sh", "-c", &cmd]).unwrap()
+    };
+    let big = ping("1472");
+    assert!(
+        big.contains("mtu = 1450"),
+        "kxp answers frag-needed with the overlay's MTU: {big}"
+    );
+    // Its stack took the lesson: the same size is now refused locally, and
+    // a datagram that fits goes through.
+    let fits = ping("1422");
+    assert!(fits.contains("1 received"), "{fits}");
+    std::thread::sleep(Duration::from_millis(300)); // one report period
+    assert_eq!(c.kxps[0].metric_sum("kxp_worker_drops", &["reason=\"too_big\""]), 0.0);
+    let sent = c.kxps[0].metric_sum("kxp_worker_events", &["event=\"frag_needed\""]);
+    assert!(sent >= 1.0, "kxp, not the kernel's flannel.1, answered: {sent}");
+}

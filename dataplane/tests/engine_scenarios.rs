@@ -830,3 +830,35 @@ fn a_backend_on_the_nodes_own_address_is_reached_through_the_host_port_and_answe
     assert_eq!((seen.src, seen.ports.0), (CLUSTER_IP, 443));
     assert_eq!((seen.dst, seen.ports.1), (POD_B, 5555));
 }
+
+// ---- 13. path MTU over the overlay ----
+
+#[test]
+fn a_packet_too_big_for_the_overlay_gets_frag_needed_quoting_what_its_sender_sent() {
+    // The remote backend is across VXLAN; the uplink's MTU is 1500.
+    let mut svc = ServiceSpec::cluster_ip(SvcId(9), "ns/big:udp", CLUSTER_IP, 80, Proto::Udp);
+    svc.endpoints = vec![ep(REMOTE_POD, 8080, false)];
+    let mut lab = Lab::new(&[svc]);
+    let fits = from_pod_b(&mut lab, craft::Spec::udp((POD_B, 5000), (CLUSTER_IP, 80), &[0; 1400]));
+    assert_eq!(fits.verdict, Verdict::Tx(UPLINK), "1428 + 50 <= 1500: encapsulated");
+    let big = from_pod_b(&mut lab, craft::Spec::udp((POD_B, 5000), (CLUSTER_IP, 80), &[0; 1440]));
+    assert_eq!(big.verdict, Verdict::Tx(PORT_B), "answered to the pod");
+    let seen = big.seen();
+    assert_eq!(seen.dst, POD_B);
+    assert_eq!(
+        seen.ports,
+        (u16::from(TYPE_DEST_UNREACHABLE), u16::from(CODE_FRAGMENTATION_NEEDED))
+    );
+    let icmp = &big.bytes[14 + 20..];
+    assert_eq!(
+        u16::from_be_bytes([icmp[6], icmp[7]]),
+        1450,
+        "next-hop MTU: uplink minus VXLAN"
+    );
+    // The quote is what the pod sent (to the ClusterIP), so its stack can
+    // match it to the socket and lower the path MTU.
+    let quoted = &icmp[8..];
+    assert_eq!(&quoted[16..20], &CLUSTER_IP.octets(), "quoted destination un-DNATed");
+    assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), 80);
+    assert_eq!(lab.worker.stats.frag_needed, 1);
+}

@@ -26,6 +26,7 @@ pub struct HostFacts {
     /// Indexed by `PortId`, like `NodeConfig::ports`.
     pub ports: Vec<PortInfo>,
     pub uplink: PortId,
+    pub uplink_mtu: u16,
     /// The node's TUN port, if there is one.
     pub host_port: Option<PortId>,
     /// The uplink's first IPv4 address and directly attached subnet.
@@ -78,6 +79,7 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
 pub struct LinkInfo {
     pub ifindex: u32,
     pub mac: Mac,
+    pub mtu: u16,
     pub rx_queues: u32,
     pub xdp_attached: bool,
 }
@@ -99,6 +101,7 @@ pub fn link_info(name: &str) -> Option<LinkInfo> {
     Some(LinkInfo {
         ifindex: words.first()?.trim_end_matches(':').parse().ok()?,
         mac: after("link/ether").and_then(|m| parse_mac(m)).unwrap_or_default(),
+        mtu: after("mtu").and_then(|n| n.parse().ok()).unwrap_or(1500),
         rx_queues: after("numrxqueues").and_then(|n| n.parse().ok()).unwrap_or(1),
         xdp_attached: words
             .iter()
@@ -199,9 +202,19 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
         role: PortRole::Pod,
     };
     let mut infos = Vec::with_capacity(ports.len());
+    let mut uplink_mtu = 1500;
     for p in ports {
         let info = match p {
             Some(p) => match link_info(&p.name) {
+                Some(link) if p.role == PortRole::Uplink => {
+                    uplink_mtu = link.mtu;
+                    PortInfo {
+                        name: p.name.clone(),
+                        mac: link.mac,
+                        vlan: None,
+                        role: p.role,
+                    }
+                }
                 Some(link) => PortInfo {
                     name: p.name.clone(),
                     mac: link.mac,
@@ -259,6 +272,7 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
     Ok(HostFacts {
         ports: infos,
         uplink,
+        uplink_mtu,
         host_port: ports
             .iter()
             .position(|p| p.as_ref().is_some_and(|p| p.role == PortRole::Host))
@@ -343,6 +357,7 @@ pub fn apply(t: &mut Tables, old: Option<&HostFacts>, new: &HostFacts) {
     let mut node = t.node().clone();
     node.ports = new.ports.clone();
     node.uplink = new.uplink;
+    node.uplink_mtu = new.uplink_mtu;
     node.host_port = new.host_port;
     node.host_snat_ip = new.host_port.map(|_| crate::tun::HOST_SNAT_IP);
     if let Some(subnet) = new.uplink_subnet {

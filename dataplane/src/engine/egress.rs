@@ -18,6 +18,9 @@ use crate::wire::{be16, put16, vxlan};
 /// 49152-65535), chosen by the inner flow hash so ECMP spreads flows.
 const VXLAN_SRC_PORT_BASE: u16 = 49152;
 
+/// What VXLAN adds to an IP packet: outer IPv4, UDP, VXLAN, inner Ethernet.
+const VXLAN_OVERHEAD: usize = ipv4::MIN_HEADER_LEN + UDP_HEADER_LEN + vxlan::HEADER_LEN + 14;
+
 impl Worker {
     /// Sends the packet (already NATed and TTL-decremented) toward
     /// `pkt.ip.dst`, rewriting its L2 header for the egress port.
@@ -36,6 +39,10 @@ impl Worker {
                 let p = t.node().port(port).ok_or(DropReason::UnknownPort)?;
                 set_l2(frame, &pkt.l2, mac, p.mac, p.vlan)?;
                 Ok(Verdict::Tx(port))
+            }
+            Egress::Overlay { .. } if pkt.ip.total_len + VXLAN_OVERHEAD > usize::from(t.node().uplink_mtu) => {
+                let mtu = t.node().uplink_mtu.saturating_sub(VXLAN_OVERHEAD as u16);
+                self.frag_needed(t, frame, *pkt, mtu)
             }
             Egress::Overlay { node, next_hop } => self.encap(t, frame, pkt, node, next_hop),
         }

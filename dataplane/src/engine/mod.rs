@@ -68,6 +68,9 @@ pub struct Worker {
     ip_id: u16,
     routes: route_cache::RouteCache,
     sweep_scratch: Vec<(crate::flow::FlowKey, usize)>,
+    /// The time of the frame being processed (for answers generated deep
+    /// in the egress path).
+    now: Time,
 }
 
 /// A parsed packet being processed: its L2 header, IPv4 header and ingress.
@@ -88,6 +91,7 @@ impl Worker {
             ip_id: 0,
             routes: route_cache::RouteCache::default(),
             sweep_scratch: Vec::with_capacity(4096),
+            now: Time::ZERO,
         }
     }
 
@@ -101,6 +105,7 @@ impl Worker {
     pub fn process(&mut self, now: Time, t: &Tables, ingress: PortId, frame: &mut Frame) -> Verdict {
         self.stats.rx_packets += 1;
         self.stats.rx_bytes += frame.len() as u64;
+        self.now = now;
         let v = self.dispatch(now, t, ingress, frame).unwrap_or_else(Verdict::Drop);
         match v {
             Verdict::Tx(_) => {

@@ -7,7 +7,7 @@ use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
 use crate::addr::Proto;
 use crate::tables::Tables;
 use crate::time::Time;
-use crate::wire::icmp::{self, CODE_PORT_UNREACHABLE, TYPE_DEST_UNREACHABLE};
+use crate::wire::icmp::{self, CODE_FRAGMENTATION_NEEDED, CODE_PORT_UNREACHABLE, TYPE_DEST_UNREACHABLE};
 use crate::wire::ipv4::{self, NewHeader, PROTO_ICMP, PROTO_TCP};
 use crate::wire::l4::{self, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::wire::{put16, put32};
@@ -71,6 +71,62 @@ impl Worker {
         icmp::fill_checksum(b, &ip);
         self.stats.rejects += 1;
         self.answer(t, frame, Pkt { ip, ..pkt })
+    }
+
+    /// Answers a packet too big for the overlay with ICMP "fragmentation
+    /// needed" (next-hop MTU `mtu`), as a router would. The packet is
+    /// already NATed, so the answer quotes it as the network would see it
+    /// and goes through the ICMP error translation back to the real sender;
+    /// untranslated flows (plain pod routing) get it directly. Without DF
+    /// the packet is dropped: kxp does not fragment.
+    pub(super) fn frag_needed(
+        &mut self,
+        t: &Tables,
+        frame: &mut Frame,
+        pkt: Pkt,
+        mtu: u16,
+    ) -> Result<Verdict, DropReason> {
+        let now = self.now;
+        if !pkt.ip.dont_fragment() || !self.limiter.take(now, t.node().reject_rate) {
+            return Err(DropReason::TooBig);
+        }
+        let from = t.node().vtep_ip().ok_or(DropReason::NoRoute)?;
+        let l2 = pkt.l2.len;
+        let quote = pkt.ip.total_len.min(MAX_QUOTE);
+        frame.truncate(l2 + quote);
+        let added = ipv4::MIN_HEADER_LEN + icmp::HEADER_LEN;
+        frame.push_front(added)?;
+        let id = self.next_ip_id();
+        let b = frame.data_mut();
+        b.copy_within(added..added + l2, 0);
+        let ip = ipv4::write(
+            b,
+            l2,
+            NewHeader {
+                total_len: (added + quote) as u16,
+                id,
+                dont_fragment: false,
+                ttl: 64,
+                proto: PROTO_ICMP,
+                src: from,
+                dst: pkt.ip.src,
+            },
+        );
+        icmp::write_header(
+            b,
+            ip.l4_off(),
+            TYPE_DEST_UNREACHABLE,
+            CODE_FRAGMENTATION_NEEDED,
+            u32::from(mtu),
+        );
+        icmp::fill_checksum(b, &ip);
+        self.stats.frag_needed += 1;
+        let answer = Pkt { ip, ..pkt };
+        let m = icmp::parse(frame.data(), &ip)?;
+        match self.icmp_error(now, t, frame, answer, m)? {
+            Some(v) => Ok(v),
+            None => self.send(t, frame, &answer),
+        }
     }
 
     /// Answers a TCP segment with RST (RFC 9293 section 3.10.7.1 rules for

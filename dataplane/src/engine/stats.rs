@@ -36,6 +36,7 @@ drop_reasons! {
     WrongVni => "wrong_vni", "VXLAN for another VNI.";
     OverlayNotIpv4 => "overlay_not_ipv4", "Decapsulated frame is not IPv4 (or is an inner fragment for no local pod).";
     TtlExceeded => "ttl_exceeded", "A forwarded packet arrived with TTL <= 1.";
+    TooBig => "too_big", "Too big for the uplink once VXLAN-wrapped, and DF not set (or the ICMP answer was rate limited).";
     NoRoute => "no_route", "Nowhere to send it: an overlay packet for no local pod, or a packet for this node's stack without a host port.";
     NoNeighbor => "no_neighbor", "Next hop's MAC unknown (the runtime fills it from the kernel's neighbour table).";
     NoHeadroom => "no_headroom", "Frame buffer has no room for the headers to add.";
@@ -88,6 +89,8 @@ pub struct Stats {
     pub rejects: u64,
     /// ICMP errors translated through NAT.
     pub icmp_translated: u64,
+    /// ICMP "fragmentation needed" sent for packets too big for the overlay.
+    pub frag_needed: u64,
     pub encapsulated: u64,
     pub decapsulated: u64,
 }
@@ -117,6 +120,7 @@ impl Stats {
         self.flows_reset += o.flows_reset;
         self.rejects += o.rejects;
         self.icmp_translated += o.icmp_translated;
+        self.frag_needed += o.frag_needed;
         self.encapsulated += o.encapsulated;
         self.decapsulated += o.decapsulated;
     }

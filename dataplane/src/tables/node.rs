@@ -90,6 +90,9 @@ pub struct NodeConfig {
     /// address (a host-network pod here): routed into the host port, so the
     /// node's replies come back through kxp to be un-NATed.
     pub host_snat_ip: Option<Ipv4Addr>,
+    /// The uplink's MTU: a packet that would exceed it once VXLAN-wrapped
+    /// gets ICMP "fragmentation needed" (path-MTU discovery) if it says DF.
+    pub uplink_mtu: u16,
     /// The uplink's directly attached subnet; other destinations go via
     /// `gateway`.
     pub uplink_subnet: Cidr,
@@ -144,6 +147,7 @@ impl NodeConfig {
                 role: PortRole::Uplink,
             }],
             uplink: PortId(0),
+            uplink_mtu: 1500,
             host_port: None,
             host_snat_ip: None,
             uplink_subnet: subnet,

@@ -114,7 +114,8 @@ fn host_observer(dp: Arc<Mutex<Datapath>>, cfg: &Config) -> HostObserver {
         let ports = {
             let mut dp = lock(&dp);
             let mut wanted = fixed.clone();
-            wanted.extend(host::interfaces_with_prefixes(&prefixes));
+            let links = host::links();
+            wanted.extend(host::interfaces_with_prefixes(&links, &prefixes));
             wanted.sort();
             wanted.dedup();
             let serving: Vec<String> = dp
@@ -124,7 +125,7 @@ fn host_observer(dp: Arc<Mutex<Datapath>>, cfg: &Config) -> HostObserver {
                 .filter(|p| p.role == PortRole::Pod)
                 .map(|p| p.name.clone())
                 .collect();
-            let gone: Vec<&String> = serving.iter().filter(|n| !dp.port_alive(n)).collect();
+            let gone: Vec<&String> = serving.iter().filter(|n| !dp.port_alive(n, &links)).collect();
             for gone in &gone {
                 match dp.remove_port(gone) {
                     Ok(()) => tracing::info!(iface = %gone, "pod interface gone; released"),

@@ -3,6 +3,7 @@
 //! set (one UMEM) and one pinned worker per queue. Dropping it stops the
 //! workers and detaches the programs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use dataplane::addr::Cidr;
@@ -190,8 +191,9 @@ impl Datapath {
     }
 
     /// Whether port `name` is still the interface it was attached to (not
-    /// deleted, not deleted and re-created under the same name).
-    pub fn port_alive(&self, name: &str) -> bool {
+    /// deleted, not deleted and re-created under the same name), given the
+    /// namespace's `links`.
+    pub fn port_alive(&self, name: &str, links: &HashMap<String, host::LinkInfo>) -> bool {
         let Some(i) = self
             .ports
             .iter()
@@ -199,7 +201,7 @@ impl Datapath {
         else {
             return false;
         };
-        host::link_info(name).is_some_and(|l| l.ifindex == self.ifindexes[i])
+        links.get(name).is_some_and(|l| l.ifindex == self.ifindexes[i])
     }
 
     /// Serves a new interface (a pod's veth that appeared): attaches the

@@ -7,7 +7,7 @@
 //! Read from /proc/thread-self/net and with `ip` (netlink), both of which
 //! follow the calling thread's network namespace.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use dataplane::addr::{Cidr, Mac, PortId};
@@ -84,9 +84,23 @@ pub struct LinkInfo {
     pub xdp_attached: bool,
 }
 
-/// The interface in the calling thread's network namespace, or `None` when
-/// it does not exist there. Read with `ip -d link` (netlink) rather than
-/// /sys/class/net, which shows the namespace sysfs was mounted in.
+/// Every interface in the calling thread's network namespace, by name, from
+/// one `ip -d -o link show` (netlink; /sys/class/net would show the
+/// namespace sysfs was mounted in).
+pub fn links() -> HashMap<String, LinkInfo> {
+    let Ok(out) = std::process::Command::new("ip")
+        .args(["-d", "-o", "link", "show"])
+        .output()
+    else {
+        return Default::default();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(parse_link)
+        .collect()
+}
+
+/// One interface, or `None` when it does not exist in this namespace.
 pub fn link_info(name: &str) -> Option<LinkInfo> {
     let out = std::process::Command::new("ip")
         .args(["-d", "-o", "link", "show", "dev", name])
@@ -95,10 +109,18 @@ pub fn link_info(name: &str) -> Option<LinkInfo> {
     if !out.status.success() {
         return None;
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let words: Vec<&str> = text.split_whitespace().collect();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(parse_link)
+        .map(|(_, l)| l)
+}
+
+/// One line of `ip -d -o link show`: "12: vp1_0@if2: <...> mtu 1500 ...".
+fn parse_link(line: &str) -> Option<(String, LinkInfo)> {
+    let words: Vec<&str> = line.split_whitespace().collect();
     let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1));
-    Some(LinkInfo {
+    let name = words.get(1)?.trim_end_matches(':').split('@').next()?.to_string();
+    let info = LinkInfo {
         ifindex: words.first()?.trim_end_matches(':').parse().ok()?,
         mac: after("link/ether").and_then(|m| parse_mac(m)).unwrap_or_default(),
         mtu: after("mtu").and_then(|n| n.parse().ok()).unwrap_or(1500),
@@ -106,7 +128,8 @@ pub fn link_info(name: &str) -> Option<LinkInfo> {
         xdp_attached: words
             .iter()
             .any(|w| w.starts_with("prog/xdp") || *w == "xdp" || *w == "xdpgeneric"),
-    })
+    };
+    Some((name, info))
 }
 
 /// One line of /proc/net/route (IPv4 FIB main table).
@@ -201,11 +224,12 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
         vlan: None,
         role: PortRole::Pod,
     };
+    let links = links();
     let mut infos = Vec::with_capacity(ports.len());
     let mut uplink_mtu = 1500;
     for p in ports {
         let info = match p {
-            Some(p) => match link_info(&p.name) {
+            Some(p) => match links.get(&p.name).copied() {
                 Some(link) if p.role == PortRole::Uplink => {
                     uplink_mtu = link.mtu;
                     PortInfo {
@@ -281,7 +305,7 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
         uplink_subnet,
         gateway,
         host_addrs,
-        vtep_mac: link_info(vxlan_device).map(|l| l.mac),
+        vtep_mac: links.get(vxlan_device).map(|l| l.mac),
         local_pods,
         neighbors,
     })
@@ -331,21 +355,11 @@ fn request_missing(ports: &[Option<PortSpec>], facts: &HostFacts, t: &Tables) ->
 
 /// Names of the interfaces in this network namespace that start with one of
 /// `prefixes` (e.g. a CNI's pod veths: `cali`, `veth`).
-pub fn interfaces_with_prefixes(prefixes: &[String]) -> Vec<String> {
-    if prefixes.is_empty() {
-        return Vec::new();
-    }
-    let Ok(out) = std::process::Command::new("ip").args(["-o", "link", "show"]).output() else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            // "12: vp1_0@if2: <...>": the name, without the peer suffix.
-            let name = l.split_whitespace().nth(1)?.trim_end_matches(':');
-            Some(name.split('@').next()?.to_string())
-        })
+pub fn interfaces_with_prefixes(links: &HashMap<String, LinkInfo>, prefixes: &[String]) -> Vec<String> {
+    links
+        .keys()
         .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+        .cloned()
         .collect()
 }
 
@@ -473,6 +487,21 @@ mod tests {
             a,
             vec![(Ipv4Addr::new(192, 168, 77, 2), Mac([0x0e, 0, 0, 0, 0, 2]), "eth0")]
         );
+    }
+
+    #[test]
+    fn parses_ip_link_lines() {
+        let line = "4: vp1_0@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 xdp qdisc noqueue state UP \\    \
+                    link/ether 6a:0d:3e:aa:bb:cc brd ff:ff:ff:ff:ff:ff link-netns p0 promiscuity 0 \
+                    prog/xdp id 42 numtxqueues 2 numrxqueues 2 gso_max_size 65536";
+        let (name, l) = parse_link(line).unwrap();
+        assert_eq!(name, "vp1_0");
+        assert_eq!((l.ifindex, l.mtu, l.rx_queues, l.xdp_attached), (4, 1500, 2, true));
+        assert_eq!(l.mac, Mac([0x6a, 0x0d, 0x3e, 0xaa, 0xbb, 0xcc]));
+        let tun =
+            "9: kxp0: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1500 qdisc fq state UNKNOWN \\    link/none numrxqueues 1";
+        let (name, l) = parse_link(tun).unwrap();
+        assert_eq!((name.as_str(), l.mac, l.xdp_attached), ("kxp0", Mac::default(), false));
     }
 
     #[test]

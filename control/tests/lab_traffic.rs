@@ -34,7 +34,16 @@ struct Cluster {
 
 impl Cluster {
     fn new(nodes: u8, pods: u8, kxp_on: &[u8], services: &[Svc]) -> Cluster {
-        let lab = Lab::build(nodes, pods).expect("lab builds");
+        Cluster::new_with(nodes, pods, kxp_on, services, "")
+    }
+
+    fn new_with(nodes: u8, pods: u8, kxp_on: &[u8], services: &[Svc], extra: &str) -> Cluster {
+        Cluster::with(Lab::build(nodes, pods).expect("lab builds"), kxp_on, services, extra)
+    }
+
+    /// kxp on the nodes `kxp_on` of `lab`, with `extra` lines for each
+    /// config's `kxp:` section.
+    fn with(lab: Lab, kxp_on: &[u8], services: &[Svc], extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         write_manifests(&dir.path().join("manifests"), &lab, services).unwrap();
         let bin = Path::new(env!("CARGO_BIN_EXE_kxp"));
@@ -42,7 +51,8 @@ impl Cluster {
             .iter()
             .map(|n| {
                 let node = &lab.nodes[usize::from(*n) - 1];
-                Kxp::start(bin, node, &dir.path().join("manifests"), dir.path()).unwrap_or_else(|e| panic!("{e}"))
+                Kxp::start_with(bin, node, &dir.path().join("manifests"), dir.path(), extra)
+                    .unwrap_or_else(|e| panic!("{e}"))
             })
             .collect();
         Cluster { kxps, lab, dir }
@@ -409,21 +419,13 @@ fn two_queues_run_two_workers_and_both_carry_traffic() {
     if !lab::root_or_skip() {
         return;
     }
-    let lab = Lab::build_with_queues(1, 2, 2).expect("lab builds");
-    let dir = tempfile::tempdir().unwrap();
     let mut svc = Svc::new("mq", vip(80), 7400, &[(pod_ip(1, 0), 1)]);
     svc.protocols = vec!["TCP"];
-    write_manifests(&dir.path().join("manifests"), &lab, &[svc]).unwrap();
-    let kxp = Kxp::start_with(
-        Path::new(env!("CARGO_BIN_EXE_kxp")),
-        &lab.nodes[0],
-        &dir.path().join("manifests"),
-        dir.path(),
-        "  queues: 2\n  workerCores: [0, 1]\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let _server = Listener::start(&lab.nodes[0].pods[0].ns, 7400, "n1p0").unwrap();
-    let client = &lab.nodes[0].pods[1];
+    let lab = Lab::build_with_queues(1, 2, 2).expect("lab builds");
+    let c = Cluster::with(lab, &[1], &[svc], "  queues: 2\n  workerCores: [0, 1]\n");
+    let kxp = &c.kxps[0];
+    let _server = Listener::start(&c.pod(1, 0).ns, 7400, "n1p0").unwrap();
+    let client = c.pod(1, 1);
     // Each connection's flow hash picks the veth queue, so 40 of them use
     // both queues (the chance that all land on one is 2^-39).
     for _ in 0..40 {
@@ -448,42 +450,33 @@ fn pods_that_come_and_go_are_served_and_released() {
     if !lab::root_or_skip() {
         return;
     }
-    let mut lab = Lab::build(1, 1).expect("lab builds");
-    let dir = tempfile::tempdir().unwrap();
     let mut svc = Svc::new("late", vip(90), 7500, &[(pod_ip(1, 1), 1)]);
     svc.protocols = vec!["TCP"];
-    write_manifests(&dir.path().join("manifests"), &lab, &[svc]).unwrap();
-    let kxp = Kxp::start_with(
-        Path::new(env!("CARGO_BIN_EXE_kxp")),
-        &lab.nodes[0],
-        &dir.path().join("manifests"),
-        dir.path(),
-        "  podInterfacePrefixes: [vp]\n",
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let client = lab.nodes[0].pods[0].clone();
-    let pool = kxp.metric_sum("kxp_worker_frames", &["place=\"total\""]);
+    let lab = Lab::build(1, 1).expect("lab builds");
+    let mut c = Cluster::with(lab, &[1], &[svc], "  podInterfacePrefixes: [vp]\n");
+    let client = c.pod(1, 0).clone();
+    let pool = c.kxps[0].metric_sum("kxp_worker_frames", &["place=\"total\""]);
     // Twice: a pod appears (a new veth, as a CNI makes it), is served, and
     // goes away; the second pod reuses the first one's name and address.
     for round in 0..2 {
-        let late = lab.add_pod(1).unwrap();
+        let late = c.lab.add_pod(1).unwrap();
         let _server = Listener::start(&late.ns, 7500, "late").unwrap();
         wait_for("the new pod is served", || {
             connect(&client.ns, sa(vip(90), 7500), Duration::from_millis(500)).is_ok_and(|g| g == "late")
         });
         drop(_server);
-        lab.remove_last_pod(1).unwrap();
+        c.lab.remove_last_pod(1).unwrap();
         std::thread::sleep(Duration::from_millis(2500)); // two observations
-        let total = kxp.metric_sum("kxp_worker_frames", &["place=\"total\""]);
+        let total = c.kxps[0].metric_sum("kxp_worker_frames", &["place=\"total\""]);
         let parts: f64 = ["free", "fill", "tx"]
             .iter()
-            .map(|p| kxp.metric_sum("kxp_worker_frames", &[&format!("place=\"{p}\"")]))
+            .map(|p| c.kxps[0].metric_sum("kxp_worker_frames", &[&format!("place=\"{p}\"")]))
             .sum();
         assert_eq!(parts, total, "round {round}: the gone pod's frames came back");
         assert_eq!(total, pool, "round {round}: no frame written off");
     }
     assert_eq!(
-        kxp.metric_sum("kxp_worker_drops", &["reason=\"xsk_invalid_descs\""]),
+        c.kxps[0].metric_sum("kxp_worker_drops", &["reason=\"xsk_invalid_descs\""]),
         0.0
     );
 }
@@ -493,24 +486,20 @@ fn the_node_itself_reaches_cluster_ips_through_kxp() {
     if !lab::root_or_skip() {
         return;
     }
-    let lab = Lab::build(2, 1).expect("lab builds");
-    let dir = tempfile::tempdir().unwrap();
     let mut local = Svc::new("for-node-local", vip(100), 7600, &[(pod_ip(1, 0), 1)]);
     local.protocols = vec!["TCP"];
     let mut remote = Svc::new("for-node-remote", vip(101), 7601, &[(pod_ip(2, 0), 2)]);
     remote.protocols = vec!["TCP"];
     let mut empty = Svc::new("for-node-empty", vip(102), 7602, &[]);
     empty.protocols = vec!["TCP"];
-    write_manifests(&dir.path().join("manifests"), &lab, &[local, remote, empty]).unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_kxp"));
-    let extra = "  serviceCIDRs: [10.96.0.0/16]\n";
-    let kxps: Vec<Kxp> = lab
-        .nodes
-        .iter()
-        .map(|n| {
-            Kxp::start_with(bin, n, &dir.path().join("manifests"), dir.path(), extra).unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    let c = Cluster::new_with(
+        2,
+        1,
+        &[1, 2],
+        &[local, remote, empty],
+        "  serviceCIDRs: [10.96.0.0/16]\n",
+    );
+    let (lab, kxps) = (&c.lab, &c.kxps);
     let _a = Listener::start(&lab.nodes[0].pods[0].ns, 7600, "n1p0").unwrap();
     let _b = Listener::start(&lab.nodes[1].pods[0].ns, 7601, "n2p0").unwrap();
     let node = &lab.nodes[0].host;
@@ -545,19 +534,12 @@ fn a_host_network_backend_is_reached_from_pods_on_its_node_and_on_others() {
     }
     // Like the `kubernetes` service on a control-plane node: the endpoint is
     // the node's own address.
-    let lab = Lab::build(2, 1).expect("lab builds");
-    let dir = tempfile::tempdir().unwrap();
     let mut api = Svc::new("api", vip(110), 443, &[(node_ip(1), 1)]);
     api.target_port = 7700;
     api.protocols = vec!["TCP"];
-    write_manifests(&dir.path().join("manifests"), &lab, &[api]).unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_kxp"));
     // No serviceCIDRs: the way into the node's stack exists regardless.
-    let _kxps: Vec<Kxp> = lab
-        .nodes
-        .iter()
-        .map(|n| Kxp::start(bin, n, &dir.path().join("manifests"), dir.path()).unwrap_or_else(|e| panic!("{e}")))
-        .collect();
+    let c = Cluster::new(2, 1, &[1, 2], &[api]);
+    let lab = &c.lab;
     let server = Listener::start(&lab.nodes[0].host.ns, 7700, "node1").unwrap();
     assert_eq!(
         greet(&lab.nodes[0].pods[0], sa(vip(110), 443)),

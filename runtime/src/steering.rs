@@ -132,24 +132,17 @@ fn key(ip: Ipv4Addr, port: u16, proto: Proto) -> L4Key {
 
 impl Steering {
     pub fn load() -> Result<Self, SteeringError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(SteeringError::Load)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut("kxp_steer")
-            .ok_or(SteeringError::Missing("kxp_steer"))?
-            .try_into()
-            .map_err(|source| SteeringError::Attach {
-                iface: "(program)".into(),
-                source,
-            })?;
-        prog.load().map_err(|source| SteeringError::Attach {
-            iface: "(program)".into(),
-            source,
-        })?;
-        Ok(Steering {
+        let ebpf = Ebpf::load(OBJECT).map_err(SteeringError::Load)?;
+        let mut s = Steering {
             ebpf,
             ports: Default::default(),
             synced: Synced::default(),
-        })
+        };
+        s.program()?.load().map_err(|source| SteeringError::Attach {
+            iface: "(program)".into(),
+            source,
+        })?;
+        Ok(s)
     }
 
     /// Attaches in native (driver) mode through a BPF link: the program goes

@@ -46,29 +46,7 @@ impl Worker {
         if !self.limiter.take(now, t.node().reject_rate) {
             return Err(DropReason::RejectRateLimited);
         }
-        let l2 = pkt.l2.len;
-        let quote = pkt.ip.total_len.min(MAX_QUOTE);
-        frame.truncate(l2 + quote);
-        let added = ipv4::MIN_HEADER_LEN + icmp::HEADER_LEN;
-        frame.push_front(added)?;
-        let id = self.next_ip_id();
-        let b = frame.data_mut();
-        b.copy_within(added..added + l2, 0);
-        let ip = ipv4::write(
-            b,
-            l2,
-            NewHeader {
-                total_len: (added + quote) as u16,
-                id,
-                dont_fragment: false,
-                ttl: 64,
-                proto: PROTO_ICMP,
-                src: pkt.ip.dst,
-                dst: pkt.ip.src,
-            },
-        );
-        icmp::write_header(b, ip.l4_off(), TYPE_DEST_UNREACHABLE, CODE_PORT_UNREACHABLE, 0);
-        icmp::fill_checksum(b, &ip);
+        let ip = self.icmp_error_about(frame, &pkt, pkt.ip.dst, CODE_PORT_UNREACHABLE, 0)?;
         self.stats.rejects += 1;
         self.answer(t, frame, Pkt { ip, ..pkt })
     }
@@ -91,6 +69,28 @@ impl Worker {
             return Err(DropReason::TooBig);
         }
         let from = t.node().vtep_ip().ok_or(DropReason::NoRoute)?;
+        let ip = self.icmp_error_about(frame, &pkt, from, CODE_FRAGMENTATION_NEEDED, u32::from(mtu))?;
+        self.stats.frag_needed += 1;
+        let answer = Pkt { ip, ..pkt };
+        let m = icmp::parse(frame.data(), &ip)?;
+        match self.icmp_error(now, t, frame, answer, m)? {
+            Some(v) => Ok(v),
+            None => self.send(t, frame, &answer),
+        }
+    }
+
+    /// Turns the frame into an ICMP destination-unreachable (`code`, `rest`
+    /// of header) from `from` to the packet's sender, quoting the packet
+    /// (RFC 1812 length) behind the frame's own L2 header. Returns the new
+    /// IP header.
+    fn icmp_error_about(
+        &mut self,
+        frame: &mut Frame,
+        pkt: &Pkt,
+        from: std::net::Ipv4Addr,
+        code: u8,
+        rest: u32,
+    ) -> Result<ipv4::Ipv4, DropReason> {
         let l2 = pkt.l2.len;
         let quote = pkt.ip.total_len.min(MAX_QUOTE);
         frame.truncate(l2 + quote);
@@ -112,21 +112,9 @@ impl Worker {
                 dst: pkt.ip.src,
             },
         );
-        icmp::write_header(
-            b,
-            ip.l4_off(),
-            TYPE_DEST_UNREACHABLE,
-            CODE_FRAGMENTATION_NEEDED,
-            u32::from(mtu),
-        );
+        icmp::write_header(b, ip.l4_off(), TYPE_DEST_UNREACHABLE, code, rest);
         icmp::fill_checksum(b, &ip);
-        self.stats.frag_needed += 1;
-        let answer = Pkt { ip, ..pkt };
-        let m = icmp::parse(frame.data(), &ip)?;
-        match self.icmp_error(now, t, frame, answer, m)? {
-            Some(v) => Ok(v),
-            None => self.send(t, frame, &answer),
-        }
+        Ok(ip)
     }
 
     /// Answers a TCP segment with RST (RFC 9293 section 3.10.7.1 rules for

@@ -245,30 +245,7 @@ impl Lab {
         };
         self.make_ns(&pod.ns)?;
         let node_side = format!("vp{n}_{i}");
-        let q = self.queues.as_str();
-        run(&[
-            "ip",
-            "-n",
-            &host.ns,
-            "link",
-            "add",
-            &node_side,
-            "numtxqueues",
-            q,
-            "numrxqueues",
-            q,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "numtxqueues",
-            q,
-            "numrxqueues",
-            q,
-            "netns",
-            &pod.ns,
-        ])?;
+        self.veth(&host.ns, &node_side, &pod.ns)?;
         let gw = format!("10.77.{n}.1");
         host.exec(&["ip", "addr", "add", &format!("{gw}/32"), "dev", &node_side])?;
         host.exec(&["ip", "link", "set", &node_side, "up"])?;
@@ -303,32 +280,40 @@ impl Lab {
         Ok(())
     }
 
-    /// A veth from `host` (eth0) to the underlay bridge.
-    fn attach(&self, host: &Host, tag: &str) -> Result<(), LabError> {
-        let br_side = format!("u-{tag}");
+    /// A veth `name` in namespace `ns` whose peer is `eth0` in `peer_ns`,
+    /// both with the lab's queue count.
+    fn veth(&self, ns: &str, name: &str, peer_ns: &str) -> Result<(), LabError> {
+        let q = self.queues.as_str();
         run(&[
             "ip",
             "-n",
-            &self.underlay,
+            ns,
             "link",
             "add",
-            &br_side,
+            name,
             "numtxqueues",
-            &self.queues,
+            q,
             "numrxqueues",
-            &self.queues,
+            q,
             "type",
             "veth",
             "peer",
             "name",
             "eth0",
             "numtxqueues",
-            &self.queues,
+            q,
             "numrxqueues",
-            &self.queues,
+            q,
             "netns",
-            &host.ns,
-        ])?;
+            peer_ns,
+        ])
+        .map(|_| ())
+    }
+
+    /// A veth from `host` (eth0) to the underlay bridge.
+    fn attach(&self, host: &Host, tag: &str) -> Result<(), LabError> {
+        let br_side = format!("u-{tag}");
+        self.veth(&self.underlay, &br_side, &host.ns)?;
         run(&[
             "ip",
             "-n",

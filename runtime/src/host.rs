@@ -84,17 +84,26 @@ pub struct LinkInfo {
     pub xdp_attached: bool,
 }
 
+/// Runs `ip ARGS` (netlink, in the calling thread's network namespace):
+/// its output, or its error message.
+pub(crate) fn ip(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip (install iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
 /// Every interface in the calling thread's network namespace, by name, from
 /// one `ip -d -o link show` (netlink; /sys/class/net would show the
 /// namespace sysfs was mounted in).
 pub fn links() -> HashMap<String, LinkInfo> {
-    let Ok(out) = std::process::Command::new("ip")
-        .args(["-d", "-o", "link", "show"])
-        .output()
-    else {
-        return Default::default();
-    };
-    String::from_utf8_lossy(&out.stdout)
+    ip(&["-d", "-o", "link", "show"])
+        .unwrap_or_default()
         .lines()
         .filter_map(parse_link)
         .collect()
@@ -102,14 +111,8 @@ pub fn links() -> HashMap<String, LinkInfo> {
 
 /// One interface, or `None` when it does not exist in this namespace.
 pub fn link_info(name: &str) -> Option<LinkInfo> {
-    let out = std::process::Command::new("ip")
-        .args(["-d", "-o", "link", "show", "dev", name])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout)
+    ip(&["-d", "-o", "link", "show", "dev", name])
+        .ok()?
         .lines()
         .find_map(parse_link)
         .map(|(_, l)| l)
@@ -183,13 +186,8 @@ fn arp(text: &str) -> Vec<(Ipv4Addr, Mac, &str)> {
 /// Every IPv4 address of this host as (interface, address, prefix length),
 /// from `ip -4 -o addr show`.
 fn addresses() -> Vec<(String, Ipv4Addr, u8)> {
-    let Ok(out) = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show"])
-        .output()
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
+    ip(&["-4", "-o", "addr", "show"])
+        .unwrap_or_default()
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
@@ -434,25 +432,18 @@ fn unresolved_pods(ports: &[Option<PortSpec>]) -> Result<Vec<(Ipv4Addr, String)>
 /// managed neighbour entry): the kernel sends the ARP requests, kxp only
 /// reads the answer. Errors are returned for logging; a failed request is
 /// retried on the next observation.
-fn keep_resolved(ip: Ipv4Addr, dev: &str) -> Result<(), String> {
-    let out = std::process::Command::new("ip")
-        .args([
-            "-4",
-            "neigh",
-            "replace",
-            &ip.to_string(),
-            "dev",
-            dev,
-            "managed",
-            "extern_learn",
-        ])
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+fn keep_resolved(addr: Ipv4Addr, dev: &str) -> Result<(), String> {
+    ip(&[
+        "-4",
+        "neigh",
+        "replace",
+        &addr.to_string(),
+        "dev",
+        dev,
+        "managed",
+        "extern_learn",
+    ])
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -80,13 +80,7 @@ impl HostTun {
             name: name.to_string(),
         };
         let ip = |args: &[&str], what: &str| -> Result<(), TunError> {
-            let out = std::process::Command::new("ip").args(args).output();
-            match out {
-                Ok(o) if o.status.success() => Ok(()),
-                Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-            .map_err(|reason| TunError::Route {
+            crate::host::ip(args).map(|_| ()).map_err(|reason| TunError::Route {
                 name: name.to_string(),
                 what: what.to_string(),
                 reason,

@@ -247,9 +247,9 @@ pub struct HostPort {
     pub index: usize,
 }
 
-/// Runs one received frame (packet at `off`, `len` bytes) through the
-/// engine and puts it where the verdict says: a TX batch, the node's TUN
-/// device, or back on the free list.
+/// Runs one received frame through the engine and puts it where the
+/// verdict says: a TX batch, the node's TUN device, or back on the free
+/// list.
 #[allow(clippy::too_many_arguments)]
 fn forward(
     set: &mut XskSet,
@@ -258,12 +258,11 @@ fn forward(
     tables: &dataplane::Tables,
     ingress: usize,
     mut desc: FrameDesc,
-    (off, len): (usize, usize),
     out: &mut [Vec<FrameDesc>],
     host: Option<&HostPort>,
     counters: &mut RuntimeCounters,
 ) {
-    let (buf, _, _) = set.frame_mut(&mut desc);
+    let (buf, off, len) = set.frame_mut(&mut desc);
     let mut frame = Frame::new(buf, off, len);
     match engine.process(now, tables, PortId(ingress as u16), &mut frame) {
         Verdict::Tx(PortId(q)) if host.is_some_and(|h| h.index == usize::from(q)) => {
@@ -325,19 +324,9 @@ fn host_rx(
         // An Ethernet header so the engine sees a frame like any port's.
         buf[off..off + 12].fill(0);
         buf[off + 12..off + 14].copy_from_slice(&0x0800u16.to_be_bytes());
+        set.set_packet(&mut desc, off, L2_LEN + n);
         got += 1;
-        forward(
-            set,
-            engine,
-            now,
-            tables,
-            host.index,
-            desc,
-            (off, L2_LEN + n),
-            out,
-            Some(host),
-            counters,
-        );
+        forward(set, engine, now, tables, host.index, desc, out, Some(host), counters);
     }
     got
 }
@@ -373,8 +362,7 @@ fn run(
         for port in 0..nports {
             let n = set.receive(port, &mut rx);
             got += n;
-            for desc in &mut rx[..n] {
-                let (_, off, len) = set.frame_mut(desc);
+            for desc in &rx[..n] {
                 forward(
                     &mut set,
                     &mut engine,
@@ -382,7 +370,6 @@ fn run(
                     &tables,
                     port,
                     *desc,
-                    (off, len),
                     &mut out,
                     host.as_ref(),
                     &mut counters,

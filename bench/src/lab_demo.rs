@@ -156,6 +156,16 @@ struct Path {
     udp: bool,
 }
 
+impl Path {
+    fn proto(&self) -> &'static str {
+        if self.udp {
+            "UDP"
+        } else {
+            "TCP"
+        }
+    }
+}
+
 pub fn run(args: &Args) {
     if let Err(e) = demo(args) {
         eprintln!("lab demo failed: {e}");
@@ -368,55 +378,48 @@ fn print_throughput(
     kp: &[Result<Run, String>],
     kxp: &[Result<Run, String>],
 ) {
-    let show = |r: &Result<Run, String>| match r {
-        Ok(r) => match r.lost_pct {
-            Some(l) if l >= 0.05 => format!("{:.2} ({l:.1}% lost)", r.gbps),
-            _ => format!("{:.2}", r.gbps),
-        },
-        Err(_) => "failed".into(),
+    let gbps = |r: &Run| match r.lost_pct {
+        Some(l) if l >= 0.05 => format!("{:.2} ({l:.1}% lost)", r.gbps),
+        _ => format!("{:.2}", r.gbps),
     };
-    let cpu = |r: &Result<Run, String>| match r {
-        Ok(r) => format!("{:.2}", r.cpu_s_per_gb),
-        Err(_) => "-".into(),
+    let cpu = |r: &Run| format!("{:.2}", r.cpu_s_per_gb);
+    // One table: a row per path, a column per way, and kxp / kube-proxy.
+    let table = |title: &str, cell: &dyn Fn(&Run) -> String, value: fn(&Run) -> f64| {
+        println!();
+        println!("{title}");
+        println!(
+            "{:<34} {:>5} {:>18} {:>18} {:>18} {:>6}",
+            "path", "proto", "kernel, no NAT", "kube-proxy", "kxp", "ratio"
+        );
+        for (i, p) in paths.iter().enumerate() {
+            let show = |r: &Result<Run, String>| r.as_ref().map_or_else(|_| "failed".into(), cell);
+            let ratio = match (&kxp[i], &kp[i]) {
+                (Ok(a), Ok(b)) if value(b) > 0.0 => format!("{:.2}", value(a) / value(b)),
+                _ => "-".into(),
+            };
+            println!(
+                "{:<34} {:>5} {:>18} {:>18} {:>18} {:>6}",
+                p.name,
+                p.proto(),
+                show(&direct[i]),
+                show(&kp[i]),
+                show(&kxp[i]),
+                ratio
+            );
+        }
     };
-    let ratio = |a: &Result<Run, String>, b: &Result<Run, String>, f: fn(&Run) -> f64| match (a, b) {
-        (Ok(a), Ok(b)) if f(b) > 0.0 => format!("{:.2}", f(a) / f(b)),
-        _ => "-".into(),
-    };
-    println!();
-    println!("throughput, Gbit/s delivered (ratio: kxp / kube-proxy)");
-    println!(
-        "{:<34} {:>5} {:>18} {:>18} {:>18} {:>6}",
-        "path", "proto", "kernel, no NAT", "kube-proxy", "kxp", "ratio"
+    table("throughput, Gbit/s delivered (ratio: kxp / kube-proxy)", &gbps, |r| {
+        r.gbps
+    });
+    table(
+        "CPU seconds (all cores) per GB delivered (ratio: kxp / kube-proxy; lower is better)",
+        &cpu,
+        |r| r.cpu_s_per_gb,
     );
-    for (i, p) in paths.iter().enumerate() {
-        println!(
-            "{:<34} {:>5} {:>18} {:>18} {:>18} {:>6}",
-            p.name,
-            if p.udp { "UDP" } else { "TCP" },
-            show(&direct[i]),
-            show(&kp[i]),
-            show(&kxp[i]),
-            ratio(&kxp[i], &kp[i], |r| r.gbps)
-        );
-    }
-    println!();
-    println!("CPU seconds (all cores) per GB delivered (ratio: kxp / kube-proxy; lower is better)");
-    for (i, p) in paths.iter().enumerate() {
-        println!(
-            "{:<34} {:>5} {:>18} {:>18} {:>18} {:>6}",
-            p.name,
-            if p.udp { "UDP" } else { "TCP" },
-            cpu(&direct[i]),
-            cpu(&kp[i]),
-            cpu(&kxp[i]),
-            ratio(&kxp[i], &kp[i], |r| r.cpu_s_per_gb)
-        );
-    }
     for (i, p) in paths.iter().enumerate() {
         for (how, r) in [("kernel", &direct[i]), ("kube-proxy", &kp[i]), ("kxp", &kxp[i])] {
             if let Err(e) = r {
-                println!("  {} ({}) via {how}: {e}", p.name, if p.udp { "UDP" } else { "TCP" });
+                println!("  {} ({}) via {how}: {e}", p.name, p.proto());
             }
         }
     }

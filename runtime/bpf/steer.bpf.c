@@ -69,56 +69,29 @@ struct {
 	__type(value, struct port);
 } ports SEC(".maps");
 
+/* A set: membership is all the program asks of these maps (the value is
+ * unused). They allocate as they fill: memory follows the entries. */
+#define SET(name, key_type, max)                        \
+	struct {                                        \
+		__uint(type, BPF_MAP_TYPE_HASH);        \
+		__uint(max_entries, max);               \
+		__type(key, key_type);                  \
+		__type(value, __u8);                    \
+		__uint(map_flags, BPF_F_NO_PREALLOC);   \
+	} name SEC(".maps")
+
 /* Service frontends and backend endpoints, by address, port, protocol. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 20);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
-} frontends SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 20);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
-} backends SEC(".maps");
-
+SET(frontends, struct l4_key, 1 << 20);
+SET(backends, struct l4_key, 1 << 20);
 /* Frontend addresses alone (ICMP errors about service flows). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 18);
-	__type(key, __u32);
-	__type(value, __u8);
-	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
-} frontend_ips SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 256);
-	__type(key, __u32);
-	__type(value, __u8);
-} node_ips SEC(".maps");
-
+SET(frontend_ips, __u32, 1 << 18);
+/* Addresses NodePorts answer on. */
+SET(node_ips, __u32, 256);
 /* Every address of this host's stack (node_ips and e.g. pod gateway
  * addresses): replies to the host's own connections stay the kernel's. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u32);
-	__type(value, __u8);
-} host_addrs SEC(".maps");
-
+SET(host_addrs, __u32, 1024);
 /* NodePorts by (port, proto): key.ip is 0. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 16);
-	__type(key, struct l4_key);
-	__type(value, __u8);
-	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the entries */
-} node_ports SEC(".maps");
+SET(node_ports, struct l4_key, 1 << 16);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

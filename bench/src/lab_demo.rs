@@ -257,14 +257,13 @@ fn demo(args: &Args) -> Result<(), String> {
     let lab = Lab::build_named(PREFIX, 2, 2).map_err(|e| e.to_string())?;
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let manifests = work.path().join("manifests");
-    let mut np = Svc::new(
+    let mut np = Svc::tcp(
         "iperf-nodeport",
         Ipv4Addr::new(10, 96, 0, 12),
         IPERF_PORT,
         &[(pod_ip(2, 1), 2)],
     );
     np.node_port = Some(NODE_PORT);
-    np.protocols = vec!["TCP"];
     let services = [
         Svc::new(
             "iperf-local",

@@ -225,16 +225,13 @@ fn nodeport_cluster_policy_snats_local_policy_keeps_the_client_ip() {
     if !lab::root_or_skip() {
         return;
     }
-    let mut cluster_policy = Svc::new("np-cluster", vip(20), 8080, &[(pod_ip(2, 0), 2)]);
+    let mut cluster_policy = Svc::tcp("np-cluster", vip(20), 8080, &[(pod_ip(2, 0), 2)]);
     cluster_policy.node_port = Some(30080);
-    cluster_policy.protocols = vec!["TCP"];
-    let mut local_policy = Svc::new("np-local", vip(21), 8081, &[(pod_ip(1, 0), 1)]);
+    let mut local_policy = Svc::tcp("np-local", vip(21), 8081, &[(pod_ip(1, 0), 1)]);
     local_policy.node_port = Some(30081);
     local_policy.etp_local = true;
-    local_policy.protocols = vec!["TCP"];
-    let mut external = Svc::new("ext", vip(22), 8082, &[(pod_ip(1, 1), 1)]);
+    let mut external = Svc::tcp("ext", vip(22), 8082, &[(pod_ip(1, 1), 1)]);
     external.external_ips = vec![Ipv4Addr::new(192, 168, 77, 50)];
-    external.protocols = vec!["TCP"];
     let c = Cluster::new(2, 2, &[1, 2], &[cluster_policy, local_policy, external]);
     let cross = Listener::start(&c.pod(2, 0).ns, 8080, "n2p0").unwrap();
     let local = Listener::start(&c.pod(1, 0).ns, 8081, "n1p0").unwrap();
@@ -267,11 +264,9 @@ fn session_affinity_pins_a_client_and_without_it_connections_spread() {
         return;
     }
     let backends = [(pod_ip(1, 0), 1), (pod_ip(2, 0), 2)];
-    let mut sticky = Svc::new("sticky", vip(30), 9000, &backends);
+    let mut sticky = Svc::tcp("sticky", vip(30), 9000, &backends);
     sticky.affinity = true;
-    sticky.protocols = vec!["TCP"];
-    let mut spread = Svc::new("spread", vip(31), 9000, &backends);
-    spread.protocols = vec!["TCP"];
+    let spread = Svc::tcp("spread", vip(31), 9000, &backends);
     let c = Cluster::new(2, 2, &[1, 2], &[sticky, spread]);
     let _a = Listener::start(&c.pod(1, 0).ns, 9000, "n1p0").unwrap();
     let _b = Listener::start(&c.pod(2, 0).ns, 9000, "n2p0").unwrap();
@@ -288,10 +283,8 @@ fn hairpin_reaches_itself_and_a_service_without_endpoints_is_refused_at_once() {
     if !lab::root_or_skip() {
         return;
     }
-    let mut hairpin = Svc::new("hairpin", vip(40), 7000, &[(pod_ip(1, 0), 1)]);
-    hairpin.protocols = vec!["TCP"];
-    let mut empty = Svc::new("empty", vip(41), 7001, &[]);
-    empty.protocols = vec!["TCP"];
+    let hairpin = Svc::tcp("hairpin", vip(40), 7000, &[(pod_ip(1, 0), 1)]);
+    let empty = Svc::tcp("empty", vip(41), 7001, &[]);
     let c = Cluster::new(1, 2, &[1], &[hairpin, empty]);
     let me = Listener::start(&c.pod(1, 0).ns, 7000, "n1p0").unwrap();
     assert_eq!(
@@ -341,9 +334,8 @@ fn removing_a_backend_under_load_spares_other_streams_and_gets_no_new_connection
         return;
     }
     let backends = [(pod_ip(1, 0), 1), (pod_ip(2, 0), 2)];
-    let mut svc = Svc::new("churn", vip(60), PORT, &backends);
+    let mut svc = Svc::tcp("churn", vip(60), PORT, &backends);
     svc.affinity = true; // iperf3's control and data connections on one backend
-    svc.protocols = vec!["TCP"];
     let c = Cluster::new(2, 2, &[1, 2], std::slice::from_ref(&svc));
     let _servers = Iperf::serve(&[c.pod(1, 0), c.pod(2, 0)]);
     let client = c.pod(1, 1).clone();
@@ -419,8 +411,7 @@ fn two_queues_run_two_workers_and_both_carry_traffic() {
     if !lab::root_or_skip() {
         return;
     }
-    let mut svc = Svc::new("mq", vip(80), 7400, &[(pod_ip(1, 0), 1)]);
-    svc.protocols = vec!["TCP"];
+    let svc = Svc::tcp("mq", vip(80), 7400, &[(pod_ip(1, 0), 1)]);
     let lab = Lab::build_with_queues(1, 2, 2).expect("lab builds");
     let c = Cluster::with(lab, &[1], &[svc], "  queues: 2\n  workerCores: [0, 1]\n");
     let kxp = &c.kxps[0];
@@ -450,8 +441,7 @@ fn pods_that_come_and_go_are_served_and_released() {
     if !lab::root_or_skip() {
         return;
     }
-    let mut svc = Svc::new("late", vip(90), 7500, &[(pod_ip(1, 1), 1)]);
-    svc.protocols = vec!["TCP"];
+    let svc = Svc::tcp("late", vip(90), 7500, &[(pod_ip(1, 1), 1)]);
     let lab = Lab::build(1, 1).expect("lab builds");
     let mut c = Cluster::with(lab, &[1], &[svc], "  podInterfacePrefixes: [vp]\n");
     let client = c.pod(1, 0).clone();
@@ -486,12 +476,9 @@ fn the_node_itself_reaches_cluster_ips_through_kxp() {
     if !lab::root_or_skip() {
         return;
     }
-    let mut local = Svc::new("for-node-local", vip(100), 7600, &[(pod_ip(1, 0), 1)]);
-    local.protocols = vec!["TCP"];
-    let mut remote = Svc::new("for-node-remote", vip(101), 7601, &[(pod_ip(2, 0), 2)]);
-    remote.protocols = vec!["TCP"];
-    let mut empty = Svc::new("for-node-empty", vip(102), 7602, &[]);
-    empty.protocols = vec!["TCP"];
+    let local = Svc::tcp("for-node-local", vip(100), 7600, &[(pod_ip(1, 0), 1)]);
+    let remote = Svc::tcp("for-node-remote", vip(101), 7601, &[(pod_ip(2, 0), 2)]);
+    let empty = Svc::tcp("for-node-empty", vip(102), 7602, &[]);
     let c = Cluster::new_with(
         2,
         1,
@@ -534,9 +521,8 @@ fn a_host_network_backend_is_reached_from_pods_on_its_node_and_on_others() {
     }
     // Like the `kubernetes` service on a control-plane node: the endpoint is
     // the node's own address.
-    let mut api = Svc::new("api", vip(110), 443, &[(node_ip(1), 1)]);
+    let mut api = Svc::tcp("api", vip(110), 443, &[(node_ip(1), 1)]);
     api.target_port = 7700;
-    api.protocols = vec!["TCP"];
     // No serviceCIDRs: the way into the node's stack exists regardless.
     let c = Cluster::new(2, 1, &[1, 2], &[api]);
     let lab = &c.lab;

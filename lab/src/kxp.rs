@@ -61,6 +61,14 @@ impl Svc {
         }
     }
 
+    /// `new`, TCP only.
+    pub fn tcp(name: &str, cluster_ip: Ipv4Addr, port: u16, endpoints: &[(Ipv4Addr, u8)]) -> Svc {
+        Svc {
+            protocols: vec!["TCP"],
+            ..Svc::new(name, cluster_ip, port, endpoints)
+        }
+    }
+
     pub fn yaml(&self) -> String {
         let mut s = String::new();
         let ty = if self.node_port.is_some() {

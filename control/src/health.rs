@@ -2,7 +2,7 @@
 //! `/metrics` (10249), and one `healthCheckNodePort` server per
 //! `externalTrafficPolicy: Local` service, answering 200 with the local
 //! endpoint count, or 503 when there is none, so load balancers only send
-//! to nodes that can serve.
+//! to nodes that can serve. All are served within `http::Limits`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,6 +17,7 @@ use axum::Router;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
+use crate::http::{self, Limits};
 use crate::metrics::Metrics;
 use crate::runner::SyncStatus;
 
@@ -60,9 +61,7 @@ pub fn serve_healthz(
         .route("/healthz", get(healthz))
         .route("/livez", get(healthz))
         .with_state(HealthState { status, stale_after });
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    })
+    http::serve(listener, app, Limits::default())
 }
 
 async fn healthz(State(h): State<HealthState>) -> impl IntoResponse {
@@ -89,10 +88,7 @@ pub fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
         }),
     );
-    let app = app.with_state(metrics);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    })
+    http::serve(listener, app.with_state(metrics), Limits::default())
 }
 
 /// What one healthCheckNodePort reports: service port name, local endpoints.
@@ -133,9 +129,7 @@ impl HealthCheckServers {
                 Ok(l) => {
                     let state = Arc::new(Mutex::new(info));
                     let app = Router::new().fallback(get(health_check)).with_state(state.clone());
-                    let task = tokio::spawn(async move {
-                        let _ = axum::serve(l, app).await;
-                    });
+                    let task = http::serve(l, app, Limits::default());
                     self.servers.insert(port, (state, task));
                 }
                 Err(e) => errors.push(e),

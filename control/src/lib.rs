@@ -12,6 +12,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod health;
+pub mod http;
 pub mod kube_source;
 pub mod manifests;
 pub mod metrics;

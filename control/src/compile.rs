@@ -69,6 +69,41 @@ pub struct NodeFacts {
     pub remote: BTreeMap<String, (Cidr, RemoteNode)>,
 }
 
+/// Addresses no externalIP or LoadBalancer IP may claim: steering them to a
+/// service would hijack traffic meant for something else (the
+/// CVE-2020-8554 class). kxp takes these frontends before netfilter, so an
+/// admission webhook is not enough: it checks them itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reserved {
+    /// Every node's addresses (from Node objects).
+    pub node_ips: std::collections::BTreeSet<Ipv4Addr>,
+    pub cluster_cidr: Option<Cidr>,
+}
+
+impl Reserved {
+    /// Why `ip` may not be a service frontend, if it may not.
+    pub fn why(&self, ip: Ipv4Addr) -> Option<String> {
+        let kind = if ip.is_unspecified() {
+            "unspecified"
+        } else if ip.is_loopback() {
+            "loopback"
+        } else if ip.is_link_local() {
+            "link-local (kxp's host SNAT address lives there)"
+        } else if ip.is_multicast() {
+            "multicast"
+        } else if ip.is_broadcast() {
+            "broadcast"
+        } else if self.node_ips.contains(&ip) {
+            "a node's address (kxp SNATs from node addresses)"
+        } else if let Some(c) = self.cluster_cidr.filter(|c| c.contains(ip)) {
+            return Some(format!("{ip} is inside the cluster CIDR {c}"));
+        } else {
+            return None;
+        };
+        Some(format!("{ip} is {kind}"))
+    }
+}
+
 /// Annotations that carry a node's VTEP MAC: Flannel's backend data (JSON
 /// with `VtepMAC`), or kxp's own.
 pub const ANNOTATION_FLANNEL_BACKEND: &str = "flannel.alpha.coreos.com/backend-data";
@@ -95,6 +130,9 @@ pub struct Desired {
 pub struct Compiler {
     ids: ServiceIds,
     cache: HashMap<ObjectKey, Compiled>,
+    /// What frontends were validated against; a change (nodes come and go,
+    /// rarely) recompiles every service.
+    reserved: Reserved,
 }
 
 /// One service's compiled output.
@@ -115,7 +153,7 @@ struct CompiledPort {
 pub fn compile(objs: &ClusterObjects, ctx: &NodeContext, ids: &mut ServiceIds) -> Desired {
     let mut c = Compiler {
         ids: std::mem::take(ids),
-        cache: HashMap::new(),
+        ..Compiler::default()
     };
     let out = c.compile(objs, ctx);
     *ids = c.ids;
@@ -126,6 +164,11 @@ impl Compiler {
     pub fn compile(&mut self, objs: &ClusterObjects, ctx: &NodeContext) -> Desired {
         let mut out = Desired::default();
         out.nodes = node_facts(objs, ctx, &mut out.problems);
+        let reserved = reserved(objs, ctx);
+        if reserved != self.reserved {
+            self.cache.clear();
+            self.reserved = reserved;
+        }
         // Slices by owning service.
         let mut slices: HashMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>> = HashMap::new();
         for (k, s) in &objs.endpoint_slices {
@@ -152,7 +195,15 @@ impl Compiler {
                 .as_ref()
                 .is_some_and(|f| self.cache.get(key).is_some_and(|c| &c.fingerprint == f));
             if !hit {
-                let compiled = compile_service(key, svc, mine, ctx, &mut self.ids, fingerprint.unwrap_or_default());
+                let compiled = compile_service(
+                    key,
+                    svc,
+                    mine,
+                    ctx,
+                    &self.reserved,
+                    &mut self.ids,
+                    fingerprint.unwrap_or_default(),
+                );
                 self.cache.insert(key.clone(), compiled);
             }
             let compiled = &self.cache[key];
@@ -203,7 +254,65 @@ impl Compiler {
             }
         }
         self.cache.retain(|k, _| objs.services.contains_key(k));
+        health_check_clashes(&mut out, &node_ports);
         out
+    }
+}
+
+/// A healthCheckNodePort is a TCP port on every node address: it may not be
+/// a NodePort too, nor another service's health check port (the first by
+/// name keeps it).
+fn health_check_clashes(out: &mut Desired, node_ports: &HashMap<(Proto, u16), String>) {
+    let mut seen: HashMap<u16, String> = HashMap::new();
+    let mut clashes = Vec::new();
+    for (name, h) in &out.health_check_node_ports {
+        let owner = node_ports
+            .get(&(Proto::Tcp, *h))
+            .map(|o| format!("the nodePort of service {o}"))
+            .or_else(|| {
+                seen.get(h)
+                    .filter(|o| !same_service(o, name))
+                    .map(|o| format!("the healthCheckNodePort of service {o}"))
+            });
+        match owner {
+            Some(owner) => clashes.push((name.clone(), *h, owner)),
+            None => {
+                seen.entry(*h).or_insert_with(|| name.clone());
+            }
+        }
+    }
+    for (name, h, owner) in clashes {
+        out.health_check_node_ports.remove(&name);
+        out.problems.push(Problem {
+            object: format!("Service {}", name.split(':').next().unwrap_or(&name)),
+            reason: format!("healthCheckNodePort {h} is already {owner}; no health check is served for it"),
+        });
+    }
+}
+
+/// Whether two service port names (`ns/name:port`) are of one service.
+fn same_service(a: &str, b: &str) -> bool {
+    a.split(':').next() == b.split(':').next()
+}
+
+/// What frontends may not claim: see [`Reserved`].
+fn reserved(objs: &ClusterObjects, ctx: &NodeContext) -> Reserved {
+    let node_ips = objs
+        .nodes
+        .values()
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        .collect();
+    Reserved {
+        node_ips,
+        cluster_cidr: ctx.cluster_cidr,
+    }
+}
+
+impl Compiler {
+    /// The addresses frontends are checked against now.
+    pub fn reserved(&self) -> &Reserved {
+        &self.reserved
     }
 }
 
@@ -229,7 +338,7 @@ impl Compiler {
         };
         let slices: Vec<(&ObjectKey, &EndpointSlice)> = view.slices.iter().map(|(k, s)| (k, s)).collect();
         let fp = fingerprint(svc, &slices).unwrap_or_default();
-        let compiled = compile_service(&view.key, svc, &slices, ctx, &mut self.ids, fp);
+        let compiled = compile_service(&view.key, svc, &slices, ctx, &self.reserved, &mut self.ids, fp);
         let out = ServiceOutput {
             ports: compiled.ports.iter().map(|p| p.spec.clone()).collect(),
             problems: compiled.problems.clone(),
@@ -256,6 +365,7 @@ fn compile_service(
     svc: &Service,
     slices: &[(&ObjectKey, &EndpointSlice)],
     ctx: &NodeContext,
+    reserved: &Reserved,
     ids: &mut ServiceIds,
     fingerprint: Vec<String>,
 ) -> Compiled {
@@ -299,6 +409,28 @@ fn compile_service(
         Ok(v) => v,
         Err(e) => {
             problem(format!("invalid status.loadBalancer.ingress IP: {e}"));
+            return out;
+        }
+    };
+    // Frontends that would hijack someone else's traffic are dropped one
+    // by one; the rest of the service still applies.
+    let mut valid = |ips: Vec<Ipv4Addr>, what: &str| -> Vec<Ipv4Addr> {
+        ips.into_iter()
+            .filter(|ip| match reserved.why(*ip) {
+                Some(why) => {
+                    problem(format!("{what} {why}; ignored"));
+                    false
+                }
+                None => true,
+            })
+            .collect()
+    };
+    let external_ips = valid(external_ips, "externalIP");
+    let lb_ips = valid(lb_ips, "LoadBalancer ingress IP");
+    let source_ranges = match source_ranges(svc) {
+        Ok(r) => r,
+        Err(e) => {
+            problem(format!("invalid loadBalancerSourceRanges: {e}"));
             return out;
         }
     };
@@ -362,12 +494,20 @@ fn compile_service(
             }
             _ => None,
         };
-        let endpoints = endpoints_for(slices, port, proto, ctx, &mut out.problems);
-        let health_check = if external_local {
-            spec.health_check_node_port.and_then(|h| u16::try_from(h).ok())
-        } else {
-            None
+        let health_check = match spec.health_check_node_port.filter(|_| external_local) {
+            None => None,
+            Some(h) => {
+                let (lo, hi) = ctx.node_port_range;
+                let ok = u16::try_from(h).ok().filter(|p| (lo..=hi).contains(p));
+                if ok.is_none() {
+                    pproblem(format!(
+                        "healthCheckNodePort {h} outside the node port range {lo}-{hi}; no health check is served"
+                    ));
+                }
+                ok
+            }
         };
+        let endpoints = endpoints_for(slices, port, proto, ctx, &mut out.problems);
         let id = ids.get(&name);
         let spec = ServiceSpec {
             id,
@@ -381,6 +521,7 @@ fn compile_service(
             external_local,
             internal_local,
             affinity,
+            source_ranges: source_ranges.clone(),
             endpoints,
         };
         out.ports.push(CompiledPort {
@@ -390,6 +531,32 @@ fn compile_service(
         });
     }
     out
+}
+
+/// kube-proxy's source ranges: the field, or when it is empty the legacy
+/// annotation; IPv6 ranges are skipped (the dataplane is IPv4-only).
+fn source_ranges(svc: &Service) -> Result<Vec<Cidr>, String> {
+    const ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+    let field = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .unwrap_or_default();
+    let texts: Vec<String> = if field.is_empty() {
+        svc.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION))
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default()
+    } else {
+        field
+    };
+    texts
+        .iter()
+        .filter(|t| !t.is_empty() && !t.contains(':'))
+        .map(|t| t.parse::<Cidr>().map_err(|e| format!("{t:?}: {e}")))
+        .collect()
 }
 
 fn node_facts(objs: &ClusterObjects, ctx: &NodeContext, problems: &mut Vec<Problem>) -> NodeFacts {

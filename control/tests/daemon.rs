@@ -37,12 +37,11 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, mut f: im
     }
 }
 
+/// A free port inside the NodePort range (healthCheckNodePorts must be).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    (31000..32767)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in the NodePort range")
 }
 
 fn manifest(hc_port: u16, local_node: &str) -> String {

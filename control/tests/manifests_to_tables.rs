@@ -418,3 +418,139 @@ fn the_shipped_example_manifests_check_cleanly() {
     assert_eq!(out.services.len(), 2);
     assert_eq!(out.nodes.remote.len(), 1);
 }
+
+/// The CVE-2020-8554 class: frontends that would capture someone else's
+/// traffic are problems naming the service, and only they are skipped.
+#[test]
+fn frontends_that_would_hijack_traffic_are_refused_and_named() {
+    let nodes = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+status: {addresses: [{type: InternalIP, address: 192.168.0.2}, {type: ExternalIP, address: 203.0.113.2}]}
+"#;
+    let hijack = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: hijack, namespace: evil}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.5.1
+  externalIPs: [0.0.0.0, 255.255.255.255, 224.0.0.251, 127.0.0.1, 169.254.169.254, 192.168.0.2, 203.0.113.2, 10.244.1.2, 198.51.100.77]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 10250
+  ports: [{port: 53, nodePort: 30053, protocol: UDP}]
+status:
+  loadBalancer: {ingress: [{ip: 192.168.0.1}, {ip: 198.51.100.78}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: clash, namespace: evil}
+spec:
+  type: NodePort
+  clusterIP: 10.96.5.2
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30080
+  ports: [{port: 80, nodePort: 30081}]
+"#;
+    let d = dir_with(&[("app.yaml", GOOD), ("nodes.yaml", nodes), ("evil.yaml", hijack)]);
+    let out = compile_dir(d.path());
+    let text: Vec<String> = out.problems.iter().map(|p| p.to_string()).collect();
+    for needle in [
+        "externalIP 0.0.0.0 is unspecified",
+        "externalIP 255.255.255.255 is broadcast",
+        "externalIP 224.0.0.251 is multicast",
+        "externalIP 127.0.0.1 is loopback",
+        "externalIP 169.254.169.254 is link-local",
+        "externalIP 192.168.0.2 is a node's address",
+        "externalIP 203.0.113.2 is a node's address",
+        "externalIP 10.244.1.2 is inside the cluster CIDR 10.244.0.0/16",
+        "LoadBalancer ingress IP 192.168.0.1 is a node's address",
+        "healthCheckNodePort 10250 outside the node port range",
+        "healthCheckNodePort 30080 is already the nodePort of service shop/web:http",
+    ] {
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("Service evil/") && t.contains(needle)),
+            "no problem {needle:?} in {text:#?}"
+        );
+    }
+    // The rest of the service applies: its good addresses and its NodePort.
+    let svc = &out.services["evil/hijack:"];
+    assert_eq!(svc.external_ips, vec![Ipv4Addr::new(198, 51, 100, 77)]);
+    assert_eq!(svc.load_balancer_ips, vec![Ipv4Addr::new(198, 51, 100, 78)]);
+    assert_eq!(svc.node_port, Some(30053));
+    assert!(!out.health_check_node_ports.contains_key("evil/hijack:"));
+    assert!(!out.health_check_node_ports.contains_key("evil/clash:"));
+    assert_eq!(
+        out.health_check_node_ports["shop/web:http"], 31000,
+        "the first keeps it"
+    );
+    // `kxp check` reports them all and fails.
+    let check = Command::new(env!("CARGO_BIN_EXE_kxp"))
+        .args(["check", "--manifests"])
+        .arg(d.path())
+        .args(["--node-name", "n1", "--cluster-cidr", "10.244.0.0/16"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("externalIP 192.168.0.2 is a node's address"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges_reach_the_tables_from_the_field_or_the_annotation() {
+    let svcs = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: field, namespace: x}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.6.1
+  loadBalancerSourceRanges: [203.0.113.0/24, "2001:db8::/32"]
+  ports: [{port: 80, nodePort: 30100}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: annotated
+  namespace: x
+  annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: "10.0.0.0/8, 172.16.0.0/12"}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.6.2
+  ports: [{port: 80, nodePort: 30101}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: x}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.6.3
+  loadBalancerSourceRanges: [not-a-cidr]
+  ports: [{port: 80, nodePort: 30102}]
+"#;
+    let d = dir_with(&[("s.yaml", svcs)]);
+    let out = compile_dir(d.path());
+    let field = &out.services["x/field:"];
+    assert_eq!(field.source_ranges, vec!["203.0.113.0/24".parse().unwrap()]);
+    let ann = &out.services["x/annotated:"];
+    assert_eq!(ann.source_ranges.len(), 2);
+    assert!(out
+        .problems
+        .iter()
+        .any(|p| p.object == "Service x/broken" && p.reason.contains("invalid loadBalancerSourceRanges")));
+    assert!(
+        !out.services.contains_key("x/broken:"),
+        "an unreadable firewall is not an open one"
+    );
+}

@@ -62,12 +62,12 @@ enum St {
 }
 
 impl St {
+    /// The state's timeout; a flow not yet assured (traffic seen both ways
+    /// and established) lives at most 30 s (`Timeouts::unassured`).
     fn timeout(self) -> u64 {
         match self {
-            St::SynSent => 120,
-            St::SynRecv => 60,
+            St::SynSent | St::SynRecv | St::UdpUnreplied => 30,
             St::Established => 86400,
-            St::UdpUnreplied => 30,
             St::UdpReplied => 120,
         }
     }

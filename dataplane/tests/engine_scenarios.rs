@@ -757,11 +757,17 @@ fn partial_checksum_udp() -> Vec<u8> {
 }
 
 #[test]
-fn full_checksum_policy_repairs_partial_checksums_incremental_does_not() {
+fn full_checksum_policy_repairs_partial_checksums_incremental_refuses_them() {
     use dataplane::craft::Buffer;
     use dataplane::flow::FlowState;
     use std::sync::Arc;
-    for (policy, want_ok) in [(ChecksumPolicy::Incremental, false), (ChecksumPolicy::Full, true)] {
+    // Incremental verifies the checksum of a packet that opens a flow, and
+    // a partial sum does not verify: dropped and counted, where it would
+    // otherwise reach the backend only to be dropped there.
+    for (policy, want) in [
+        (ChecksumPolicy::Incremental, Verdict::Drop(DropReason::BadL4Checksum)),
+        (ChecksumPolicy::Full, Verdict::Tx(PORT_A)),
+    ] {
         let mut t = base_tables();
         let mut n = node_config();
         n.checksum = policy;
@@ -773,14 +779,13 @@ fn full_checksum_policy_repairs_partial_checksums_incremental_does_not() {
         })));
         let mut b = Buffer::new(&partial_checksum_udp());
         let mut f = b.frame();
-        assert_eq!(
-            w.process(dataplane::Time::ZERO, &t, PORT_B, &mut f),
-            Verdict::Tx(PORT_A)
-        );
-        let (start, len) = (f.headroom(), f.len());
-        b.start = start;
-        b.len = len;
-        assert_eq!(craft::inspect(b.bytes()).unwrap().checksums_ok, want_ok, "{policy:?}");
+        assert_eq!(w.process(dataplane::Time::ZERO, &t, PORT_B, &mut f), want, "{policy:?}");
+        if want == Verdict::Tx(PORT_A) {
+            let (start, len) = (f.headroom(), f.len());
+            b.start = start;
+            b.len = len;
+            assert!(craft::inspect(b.bytes()).unwrap().checksums_ok, "{policy:?}");
+        }
     }
 }
 
@@ -861,4 +866,216 @@ fn a_packet_too_big_for_the_overlay_gets_frag_needed_quoting_what_its_sender_sen
     assert_eq!(&quoted[16..20], &CLUSTER_IP.octets(), "quoted destination un-DNATed");
     assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), 80);
     assert_eq!(lab.worker.stats.frag_needed, 1);
+}
+
+// ---- 13. trust boundaries (docs/SECURITY.md) ----
+
+#[test]
+fn vxlan_is_taken_only_from_known_nodes_speaking_for_their_own_pods() {
+    let mut lab = Lab::new(&[web(Proto::Tcp)]);
+    let wrap = |src_node: Ipv4Addr, inner_src: Ipv4Addr, dst: (Ipv4Addr, u16)| {
+        let inner = tcp((inner_src, 9000), dst, TCP_SYN).macs(N2_VTEP_MAC, VTEP_MAC).build();
+        craft::vxlan((N2_MAC, UPLINK_MAC), src_node, NODE_IP, 8472, 1, &inner)
+    };
+    // An off-cluster host wrapping a SYN to a ClusterIP: refused.
+    let out = lab.send(UPLINK, &wrap(EXT_IP, REMOTE_POD, (CLUSTER_IP, 80)));
+    assert_eq!(out.verdict, Verdict::Drop(DropReason::OverlayUnknownPeer));
+    // A known node claiming addresses that are not its own: refused.
+    for forged in [Ipv4Addr::new(10, 244, 3, 5), POD_B, CLIENT_IP] {
+        let out = lab.send(UPLINK, &wrap(N2_IP, forged, (CLUSTER_IP, 80)));
+        assert_eq!(out.verdict, Verdict::Drop(DropReason::OverlaySpoofedSource), "{forged}");
+    }
+    // Its own pods and its own address are fine.
+    assert_eq!(
+        lab.send(UPLINK, &wrap(N2_IP, REMOTE_POD, (CLUSTER_IP, 80))).tx_port(),
+        PORT_A
+    );
+    assert_eq!(lab.send(UPLINK, &wrap(N2_IP, N2_IP, (POD_A, 22))).tx_port(), PORT_A);
+    assert_eq!(lab.worker.stats.drop_count(DropReason::OverlaySpoofedSource), 3);
+}
+
+#[test]
+fn a_pod_may_send_only_from_its_own_address_and_nobody_outside_may_claim_it() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    for forged in [POD_A, NODE_IP, REMOTE_POD, CLIENT_IP] {
+        for dst in [(CLUSTER_IP, 80), (REMOTE_POD, 9000), (POD_A, 22)] {
+            let out = from_pod_b(&mut lab, tcp((forged, 1000), dst, TCP_SYN));
+            assert_eq!(
+                out.verdict,
+                Verdict::Drop(DropReason::SpoofedSource),
+                "{forged} -> {dst:?}"
+            );
+        }
+    }
+    assert_eq!(lab.worker.flows().conntrack.len(), 0, "no flow was created");
+    let out = lab.send_from_client(tcp((POD_B, 1000), (NODE_IP, 30080), TCP_SYN));
+    assert_eq!(out.verdict, Verdict::Drop(DropReason::SpoofedSource));
+    // Its own address works.
+    assert_eq!(
+        from_pod_b(&mut lab, tcp((POD_B, 1000), (CLUSTER_IP, 80), TCP_SYN)).tx_port(),
+        PORT_A
+    );
+}
+
+/// Flips the L4 checksum of a built TCP or UDP frame (no VLAN, no options).
+/// The web service for TCP and for UDP, as two service ports.
+fn web_on_a_both() -> [ServiceSpec; 2] {
+    let mut u = web_on_a(Proto::Udp);
+    u.id = SvcId(2);
+    u.name = "ns/web:dns".into();
+    [web_on_a(Proto::Tcp), u]
+}
+
+fn corrupt_l4_checksum(mut f: Vec<u8>) -> Vec<u8> {
+    let at = 14 + 20 + if f[14 + 9] == 6 { 16 } else { 6 };
+    f[at] ^= 0x5a;
+    f
+}
+
+#[test]
+fn packets_with_bad_checksums_never_create_or_change_flows() {
+    let mut lab = Lab::new(&web_on_a_both());
+    let syn = tcp((CLIENT_IP, 5000), (NODE_IP, 30080), TCP_SYN)
+        .macs(GW_MAC, UPLINK_MAC)
+        .build();
+    let bad = lab.send(UPLINK, &corrupt_l4_checksum(syn.clone()));
+    assert_eq!(bad.verdict, Verdict::Drop(DropReason::BadL4Checksum));
+    let udp_new = udp((CLIENT_IP, 5000), (NODE_IP, 30080))
+        .macs(GW_MAC, UPLINK_MAC)
+        .build();
+    let bad = lab.send(UPLINK, &corrupt_l4_checksum(udp_new));
+    assert_eq!(bad.verdict, Verdict::Drop(DropReason::BadL4Checksum));
+    assert_eq!(lab.worker.flows().conntrack.len(), 0);
+
+    // An established flow: forged FIN and RST change nothing.
+    lab.send(UPLINK, &syn);
+    assert_eq!(lab.worker.flows().conntrack.len(), 1);
+    let c = (CLIENT_IP, 5000);
+    // SNATed to the node; the client's port is inside the SNAT range, so it is kept.
+    let snat_port = 5000;
+    let synack = from_pod_a(&mut lab, tcp((POD_A, 8080), (NODE_IP, snat_port), TCP_SYN | TCP_ACK));
+    assert_eq!(synack.tx_port(), UPLINK);
+    lab.send_from_client(tcp(c, (NODE_IP, 30080), TCP_ACK));
+    for flags in [TCP_RST, TCP_FIN | TCP_ACK] {
+        let f = tcp(c, (NODE_IP, 30080), flags).macs(GW_MAC, UPLINK_MAC).build();
+        let out = lab.send(UPLINK, &corrupt_l4_checksum(f));
+        assert_eq!(out.verdict, Verdict::Drop(DropReason::BadL4Checksum), "{flags:#x}");
+    }
+    // Data with a bad checksum is forwarded with the checksum still bad, so
+    // the receiving stack drops it as it would without kxp.
+    let data = tcp(c, (NODE_IP, 30080), TCP_ACK).macs(GW_MAC, UPLINK_MAC).build();
+    let out = lab.send_raw(UPLINK, &corrupt_l4_checksum(data));
+    assert_eq!(out.verdict, Verdict::Tx(PORT_A));
+    assert!(!out.seen().checksums_ok);
+    // The flow is intact and established: it outlives the unassured timeout.
+    lab.advance(Duration::from_secs(3600));
+    let later = lab.send_from_client(tcp(c, (NODE_IP, 30080), TCP_ACK));
+    assert_eq!((later.tx_port(), later.seen().ports.0), (PORT_A, snat_port));
+}
+
+#[test]
+fn flag_combinations_no_stack_sends_and_strays_are_dropped() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    for (flags, why) in [
+        (0, DropReason::InvalidTcpFlags),
+        (TCP_SYN | TCP_FIN, DropReason::InvalidTcpFlags),
+        (TCP_SYN | TCP_RST, DropReason::InvalidTcpFlags),
+        (TCP_FIN, DropReason::InvalidTcpFlags),
+        (TCP_FIN | TCP_ACK, DropReason::StrayTcp),
+        (TCP_SYN | TCP_ACK, DropReason::StrayTcp),
+        (TCP_RST, DropReason::StrayTcp),
+    ] {
+        let out = lab.send_from_client(tcp((CLIENT_IP, 5000), (NODE_IP, 30080), flags));
+        assert_eq!(out.verdict, Verdict::Drop(why), "{flags:#x}");
+    }
+    assert_eq!(lab.worker.flows().conntrack.len(), 0);
+}
+
+#[test]
+fn a_mid_stream_pickup_lives_short_until_the_backend_answers() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    // kxp restarted: a plain ACK of a running connection is picked up...
+    let out = from_pod_b(&mut lab, tcp((POD_B, 4000), (CLUSTER_IP, 80), TCP_ACK));
+    assert_eq!(out.tx_port(), PORT_A);
+    // ... but, unanswered, it is gone after the unassured timeout.
+    lab.advance(Duration::from_secs(31));
+    assert_eq!(lab.worker.flows().conntrack.len(), 1);
+    let late = from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 4000), TCP_ACK));
+    assert_eq!(late.seen().src, POD_A, "expired: not translated");
+    // Answered, it is a real connection again and keeps its day.
+    from_pod_b(&mut lab, tcp((POD_B, 4001), (CLUSTER_IP, 80), TCP_ACK));
+    from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 4001), TCP_ACK));
+    lab.advance(Duration::from_secs(6 * 3600));
+    let data = from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, 4001), TCP_ACK));
+    assert_eq!(data.seen().src, CLUSTER_IP, "the answered pickup is established");
+}
+
+#[test]
+fn spoofed_floods_of_every_kind_never_evict_established_flows() {
+    let mut lab = Lab::with_config(
+        &web_on_a_both(),
+        CtConfig {
+            capacity: 512,
+            ..CtConfig::default()
+        },
+    );
+    // 100 real connections from pod B (handshake complete).
+    let mut real = Vec::new();
+    for p in 0..100u16 {
+        let port = 10000 + p;
+        from_pod_b(&mut lab, tcp((POD_B, port), (CLUSTER_IP, 80), TCP_SYN));
+        from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, port), TCP_SYN | TCP_ACK));
+        from_pod_b(&mut lab, tcp((POD_B, port), (CLUSTER_IP, 80), TCP_ACK));
+        real.push(port);
+    }
+    // 20,000 spoofed packets of each kind from the uplink to the NodePort.
+    let kinds: [(Option<u8>, &str); 4] = [
+        (Some(TCP_SYN), "SYN"),
+        (Some(TCP_ACK), "ACK"),
+        (Some(TCP_ACK | 0x08), "PSH-ACK"),
+        (None, "UDP"),
+    ];
+    for (i, (flags, _)) in kinds.iter().enumerate() {
+        for n in 0..20_000u32 {
+            let src = Ipv4Addr::from(0xc612_0000 + n + (i as u32) * 100_000); // 198.18.0.0/15
+            let spec = match flags {
+                Some(f) => tcp((src, 1024 + (n % 60000) as u16), (NODE_IP, 30080), *f),
+                None => udp((src, 1024 + (n % 60000) as u16), (NODE_IP, 30080)),
+            };
+            lab.send_from_client(spec);
+        }
+        // A new real connection during the flood still gets through.
+        let port = 20000 + i as u16;
+        let syn = from_pod_b(&mut lab, tcp((POD_B, port), (CLUSTER_IP, 80), TCP_SYN));
+        assert_eq!(syn.tx_port(), PORT_A, "a new connection was refused during the flood");
+    }
+    let ct = &lab.worker.flows().conntrack;
+    assert!(ct.len() <= ct.capacity());
+    for port in real {
+        let out = from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, port), TCP_ACK));
+        assert_eq!(out.seen().src, CLUSTER_IP, "flow {port} was evicted by the flood");
+    }
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_sources() {
+    let mut s = web_on_a(Proto::Tcp);
+    s.source_ranges = vec!["203.0.113.0/28".parse().unwrap()];
+    let mut lab = Lab::new(&[s]);
+    let allowed = lab.send_from_client(tcp((CLIENT_IP, 5000), (LB_IP, 80), TCP_SYN));
+    assert_eq!(allowed.tx_port(), PORT_A);
+    let denied = lab.send_from_client(tcp((Ipv4Addr::new(203, 0, 113, 99), 5000), (LB_IP, 80), TCP_SYN));
+    assert_eq!(denied.verdict, Verdict::Drop(DropReason::SourceRangeDenied));
+    // Pods are outside the ranges too (kube-proxy's firewall filters them).
+    let pod = from_pod_b(&mut lab, tcp((POD_B, 5000), (LB_IP, 80), TCP_SYN));
+    assert_eq!(pod.verdict, Verdict::Drop(DropReason::SourceRangeDenied));
+    // The ClusterIP, NodePort and externalIP are not behind the LB's firewall.
+    let other = Ipv4Addr::new(203, 0, 113, 99);
+    for dst in [(NODE_IP, 30080), (EXTERNAL_IP, 80)] {
+        assert_eq!(lab.send_from_client(tcp((other, 5001), dst, TCP_SYN)).tx_port(), PORT_A);
+    }
+    assert_eq!(
+        from_pod_b(&mut lab, tcp((POD_B, 5002), (CLUSTER_IP, 80), TCP_SYN)).tx_port(),
+        PORT_A
+    );
 }

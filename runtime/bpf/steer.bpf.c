@@ -5,7 +5,7 @@
 //
 // kxp's packets: destinations in the service frontend set (ClusterIP, LB,
 // externalIP : port / proto); NodePorts on node addresses; VXLAN to this
-// node; replies to NATed flows (from a backend endpoint, to a client that is
+// node from a known node, on the uplink; replies to NATed flows (from a backend endpoint, to a client that is
 // not this node or to the SNAT port range); ICMP errors to frontend or SNAT
 // addresses; pod traffic to another node's pod CIDR. Maps are filled from kxp's published tables.
 //
@@ -92,6 +92,8 @@ SET(node_ips, __u32, 256);
 SET(host_addrs, __u32, 1024);
 /* NodePorts by (port, proto): key.ip is 0. */
 SET(node_ports, struct l4_key, 1 << 16);
+/* Other nodes' underlay addresses: the only sources VXLAN is taken from. */
+SET(overlay_peers, __u32, 1 << 14);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -170,8 +172,11 @@ static __always_inline int kxps(struct xdp_md *ctx, struct port *port)
 		if (bpf_map_lookup_elem(&frontends, &k))
 			return 1;
 		if (bpf_map_lookup_elem(&node_ips, &dst)) {
+			/* VXLAN only on the underlay and only from a known node:
+			 * anything else is the kernel's (and never reaches a
+			 * ClusterIP through kxp). */
 			if (l4proto == IPPROTO_UDP && cfg->vxlan_port && bpf_ntohs(dport) == cfg->vxlan_port)
-				return 1;
+				return !port->is_pod && bpf_map_lookup_elem(&overlay_peers, &ip->saddr);
 			if (in_range(dport, cfg->node_port_lo, cfg->node_port_hi)) {
 				struct l4_key np = { .ip = 0, .port = dport, .proto = l4proto };
 				if (bpf_map_lookup_elem(&node_ports, &np))

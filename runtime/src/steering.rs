@@ -106,6 +106,7 @@ struct Synced {
     node_ports: HashSet<L4Key>,
     node_ips: HashSet<u32>,
     host_addrs: HashSet<u32>,
+    overlay_peers: HashSet<u32>,
     remote_pods: HashSet<(u32, u32)>,
 }
 
@@ -258,6 +259,7 @@ impl Steering {
         }
         want.node_ips = node.node_ips.iter().map(|ip| be_ip(*ip)).collect();
         want.host_addrs = node.host_addrs.iter().map(|ip| be_ip(*ip)).collect();
+        want.overlay_peers = t.pod_routes().map(|(_, r)| be_ip(r.node_ip)).collect();
         want.remote_pods = t
             .pod_routes()
             .map(|(c, _)| (u32::from(c.prefix_len()), be_ip(c.addr())))
@@ -269,6 +271,7 @@ impl Steering {
         self.update("node_ports", &old.node_ports, &want.node_ports)?;
         self.update("node_ips", &old.node_ips, &want.node_ips)?;
         self.update("host_addrs", &old.host_addrs, &want.host_addrs)?;
+        self.update("overlay_peers", &old.overlay_peers, &want.overlay_peers)?;
         let mut pods: LpmTrie<&mut MapData, u32, u8> = self.map("remote_pods")?;
         for (len, ip) in old.remote_pods.difference(&want.remote_pods) {
             let _ = pods.remove(&LpmKey::new(*len, *ip));

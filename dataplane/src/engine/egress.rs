@@ -103,6 +103,12 @@ impl Worker {
         outer: Pkt,
         udp: L4,
     ) -> Result<Verdict, DropReason> {
+        // Only nodes kxp routes pods to may tunnel to it: anyone else could
+        // wrap a packet to a ClusterIP and reach what is cluster-internal.
+        let peer = outer.ip.src;
+        if !t.is_overlay_peer(peer) {
+            return Err(DropReason::OverlayUnknownPeer);
+        }
         let vx = udp.off + UDP_HEADER_LEN;
         let vni = vxlan::parse(frame.data(), vx)?;
         if vni != t.node().vxlan.vni {
@@ -114,6 +120,10 @@ impl Worker {
             return Err(DropReason::OverlayNotIpv4);
         }
         let ip = ipv4::parse(frame.data(), l2.len)?;
+        // A peer speaks for its own pods and itself, nobody else.
+        if ip.src != peer && t.remote_node(ip.src).is_none_or(|n| n.node_ip != peer) {
+            return Err(DropReason::OverlaySpoofedSource);
+        }
         frame.truncate(ip.end());
         self.stats.decapsulated += 1;
         let pkt = Pkt {

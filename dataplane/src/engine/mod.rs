@@ -135,6 +135,17 @@ impl Worker {
             return Ok(Verdict::Pass);
         }
         let ip = ipv4::parse(frame.data(), l2.len)?;
+        // Source validation (what rp_filter and a CNI's anti-spoofing rules
+        // did before kxp took the traffic): a pod may only send from the
+        // addresses routed to its own port, and nobody on the uplink may
+        // claim a local pod's address.
+        match origin {
+            Origin::Pod if t.local_pod(ip.src).is_none_or(|p| p.port != ingress) => {
+                return Err(DropReason::SpoofedSource)
+            }
+            Origin::Uplink if t.local_pod(ip.src).is_some() => return Err(DropReason::SpoofedSource),
+            _ => {}
+        }
         if ip.is_fragment() {
             // Only the first fragment has ports; NATing fragments needs
             // reassembly, which the kernel does.

@@ -9,7 +9,7 @@ use crate::flow::{Dir, FlowKey};
 use crate::tables::{ChecksumPolicy, Reach, ServiceMatch, Tables};
 use crate::time::Time;
 use crate::wire::ipv4;
-use crate::wire::l4::{self, L4, TCP_ACK, TCP_RST, TCP_SYN};
+use crate::wire::l4::{self, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// What conntrack said about a packet.
 enum Tracked {
@@ -27,7 +27,37 @@ enum Tracked {
     Restart {
         fwd: FlowKey,
     },
+    /// The packet would change the flow's state and its L4 checksum is
+    /// wrong: the flow is left as it was.
+    BadChecksum,
     Miss,
+}
+
+/// Whether a packet's L4 checksum is trustworthy, computed at most once
+/// and only when a packet would create or change a flow (it costs a pass
+/// over the payload). Under `ChecksumPolicy::Full` checksums may be
+/// CHECKSUM_PARTIAL sums from veths with offload on, which cannot be
+/// verified, so they are taken as they are (docs/SECURITY.md).
+struct Segment<'a> {
+    bytes: &'a [u8],
+    ip: &'a ipv4::Ipv4,
+    l4: &'a L4,
+    verify: bool,
+}
+
+impl<'a> Segment<'a> {
+    fn new(bytes: &'a [u8], pkt: &'a Pkt, l4: &'a L4, t: &Tables) -> Self {
+        Segment {
+            bytes,
+            ip: &pkt.ip,
+            l4,
+            verify: t.node().checksum == ChecksumPolicy::Incremental,
+        }
+    }
+
+    fn checksum_ok(&self) -> bool {
+        !self.verify || l4::checksum_valid(self.bytes, self.ip, self.l4)
+    }
 }
 
 impl Worker {
@@ -39,6 +69,9 @@ impl Worker {
         pkt: Pkt,
         l4: L4,
     ) -> Result<Verdict, DropReason> {
+        if l4.proto == Proto::Tcp && !tcp::tcp_flags_valid(l4.tcp_flags) {
+            return Err(DropReason::InvalidTcpFlags);
+        }
         let key = FlowKey::new(
             Endpoint::new(pkt.ip.src, l4.src_port),
             Endpoint::new(pkt.ip.dst, l4.dst_port),
@@ -47,7 +80,8 @@ impl Worker {
         // Two rounds at most: a stale or restarted flow is removed, then the
         // packet is handled as the first of a new flow.
         for _ in 0..2 {
-            match self.track(now, t, &key, &l4) {
+            let seg = Segment::new(frame.data(), &pkt, &l4, t);
+            match self.track(now, t, &key, &seg) {
                 Tracked::Hit { dir, fwd, rep } => {
                     let (src, dst) = match dir {
                         Dir::Forward => (rep.dst(), rep.src()),
@@ -69,6 +103,7 @@ impl Worker {
                 Tracked::Restart { fwd } => {
                     self.flows.conntrack.remove(&fwd);
                 }
+                Tracked::BadChecksum => return Err(DropReason::BadL4Checksum),
                 Tracked::Miss => break,
             }
         }
@@ -78,31 +113,46 @@ impl Worker {
         }
     }
 
-    fn track(&self, now: Time, t: &Tables, key: &FlowKey, l4: &L4) -> Tracked {
+    fn track(&self, now: Time, t: &Tables, key: &FlowKey, seg: &Segment<'_>) -> Tracked {
         let generation = t.generation() as u32;
         let ct = &self.flows.conntrack;
         let timeouts = ct.timeouts();
+        let l4 = seg.l4;
         ct.with_flow(now, key, |dir, e| {
             let forward = dir == Dir::Forward;
-            if forward && l4.proto == Proto::Tcp && l4.has(TCP_SYN) && !l4.has(TCP_ACK) && e.state.is_finished() {
-                return Tracked::Restart { fwd: e.fwd };
-            }
-            if forward && e.checked_gen != generation {
-                if !backend_still_valid(t, e) {
-                    return Tracked::Stale { fwd: e.fwd };
-                }
-                e.checked_gen = generation;
-            }
+            let restart =
+                forward && l4.proto == Proto::Tcp && l4.has(TCP_SYN) && !l4.has(TCP_ACK) && e.state.is_finished();
+            let stale = !restart && forward && e.checked_gen != generation && !backend_still_valid(t, e);
+            let mut fins = e.flags & (FIN_FORWARD | FIN_REPLY);
             let state = match l4.proto {
-                Proto::Tcp => {
-                    let mut fins = e.flags & (FIN_FORWARD | FIN_REPLY);
-                    let s = tcp::tcp_advance(e.state, &mut fins, l4.tcp_flags, forward);
-                    e.flags = (e.flags & !(FIN_FORWARD | FIN_REPLY)) | fins;
-                    s
-                }
+                Proto::Tcp => tcp::tcp_advance(e.state, &mut fins, l4.tcp_flags, forward),
                 Proto::Udp if !forward => CtState::UdpReplied,
                 Proto::Udp => e.state,
             };
+            let trust = e.trust_after(!forward, state);
+            // Only packets that would change the flow are verified: a data
+            // packet of an established flow is forwarded with its checksum
+            // updated incrementally, so a bad one stays bad for the receiver.
+            let changes = restart
+                || stale
+                || state != e.state
+                || fins != e.flags & (FIN_FORWARD | FIN_REPLY)
+                || trust != e.trust_after(false, e.state)
+                || l4.has(TCP_SYN | TCP_FIN | TCP_RST);
+            if changes && !seg.checksum_ok() {
+                return Tracked::BadChecksum;
+            }
+            if restart {
+                return Tracked::Restart { fwd: e.fwd };
+            }
+            if stale {
+                return Tracked::Stale { fwd: e.fwd };
+            }
+            if forward {
+                e.checked_gen = generation;
+            }
+            e.flags = (e.flags & !(FIN_FORWARD | FIN_REPLY)) | fins;
+            e.set_trust(trust);
             e.refresh(now, state, timeouts);
             Tracked::Hit {
                 dir,
@@ -124,11 +174,20 @@ impl Worker {
         key: FlowKey,
         m: ServiceMatch<'_>,
     ) -> Result<Verdict, DropReason> {
-        if l4.proto == Proto::Tcp && l4.has(TCP_RST) {
+        // A TCP flow starts with a SYN, or is picked up mid-stream from a
+        // plain ACK (kxp restarted; netfilter's `tcp_loose`). RST, FIN and
+        // SYN-ACK for no known flow start nothing (netfilter: INVALID).
+        if l4.proto == Proto::Tcp && (l4.has(TCP_RST | TCP_FIN) || l4.has(TCP_SYN) && l4.has(TCP_ACK)) {
             return Err(DropReason::StrayTcp);
+        }
+        if !Segment::new(frame.data(), &pkt, &l4, t).checksum_ok() {
+            return Err(DropReason::BadL4Checksum);
         }
         let svc = m.svc;
         let node = t.node();
+        if !svc.source_allowed(pkt.ip.src, pkt.ip.dst, &node.node_ips) {
+            return Err(DropReason::SourceRangeDenied);
+        }
         if svc.has_no_endpoints() {
             // kube-proxy: REJECT (ICMP port unreachable), so clients fail fast.
             return self.reject(now, t, frame, pkt);
@@ -209,7 +268,9 @@ impl Worker {
             }
             Err(InsertError::Exists) => {
                 // Another worker created it a moment ago: use that one.
-                return match self.track(now, t, &key, &l4) {
+                let mut seg = Segment::new(frame.data(), &pkt, &l4, t);
+                seg.verify = false; // verified above
+                return match self.track(now, t, &key, &seg) {
                     Tracked::Hit { rep, .. } => self.translate(t, frame, pkt, l4, rep.dst(), rep.src()),
                     _ => Err(DropReason::ConntrackFull),
                 };

@@ -44,8 +44,14 @@ drop_reasons! {
     RejectRateLimited => "reject_rate_limited", "Service has no endpoints; the ICMP/RST answer was rate limited.";
     SnatExhausted => "snat_exhausted", "No free SNAT port toward this backend.";
     ConntrackFull => "conntrack_full", "Conntrack shard full of flows still being created.";
-    StrayTcp => "stray_tcp", "RST for a flow kxp does not track.";
+    StrayTcp => "stray_tcp", "RST, FIN or SYN-ACK for a flow kxp does not track (netfilter: INVALID).";
+    InvalidTcpFlags => "invalid_tcp_flags", "A TCP flag combination no real stack sends (no flags, SYN+FIN, ...; netfilter: INVALID).";
+    BadL4Checksum => "bad_l4_checksum", "TCP/UDP checksum wrong on a packet that would create or change a flow.";
     UnknownPort => "unknown_port", "Frame from a port the tables do not describe.";
+    SpoofedSource => "spoofed_source", "Source address not one this port may send from (a pod's other than its own; a local pod's from the uplink).";
+    OverlayUnknownPeer => "overlay_unknown_peer", "VXLAN from an address that is not a known node's.";
+    OverlaySpoofedSource => "overlay_spoofed_source", "Decapsulated packet whose source is outside the sending node's pod CIDR and addresses.";
+    SourceRangeDenied => "source_range_denied", "Source outside the service's loadBalancerSourceRanges.";
 }
 
 impl From<WireError> for DropReason {
@@ -79,7 +85,7 @@ pub struct Stats {
     pub drops: [u64; DropReason::COUNT],
     /// Flows created (first packet to a service).
     pub new_flows: u64,
-    /// Established flows evicted to make room.
+    /// Unassured or finished flows evicted to make room.
     pub ct_evictions: u64,
     /// UDP flows moved off a backend that left the endpoint set.
     pub flows_rebalanced: u64,

@@ -14,11 +14,17 @@
 //!
 //! Expiry is driven by the `now` callers pass: lookups treat expired entries
 //! as absent and remove them; [`Conntrack::sweep`] walks one shard per call.
+//! **Trust (netfilter's ASSURED).** A flow is *assured* once traffic has
+//! been seen both ways (TCP: the handshake completed, or a picked-up flow
+//! answered; UDP: a reply). Until then it costs an attacker one spoofed
+//! packet, so it lives at most `Timeouts::unassured` and is the first to go.
 //! When a shard is full, insertion evicts a victim among 16 sampled slots
-//! (up to 64 when the first 16 are all established),
-//! preferring expired, then half-open or closing flows, then the one closest
-//! to expiry, so a SYN flood cannot push out established connections while
-//! it has its own half-open entries to displace.
+//! (up to 64): expired first, then unassured flows, then assured flows that
+//! have finished (TIME_WAIT, CLOSE), each time the one nearest expiry. A
+//! live assured flow is never evicted: when none of those is found the new
+//! flow is refused (`InsertError::Full`), as netfilter's early drop does,
+//! so no flood of any kind (SYN, pickup ACKs, UDP) can displace a real
+//! connection.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -64,10 +70,14 @@ pub struct Entry {
     /// Expiry, in whole seconds of engine time.
     expires: u32,
     pub state: CtState,
-    /// FIN bits (see `tcp`) and the internal pending bit.
+    /// FIN bits (see `tcp`), trust bits and the internal pending bit.
     pub flags: u8,
 }
 
+/// A packet was seen in the reply direction.
+const SEEN_REPLY: u8 = 0x04;
+/// Traffic was seen both ways and the flow reached a live state.
+const ASSURED: u8 = 0x08;
 const PENDING: u8 = 0x80;
 
 impl Entry {
@@ -83,11 +93,39 @@ impl Entry {
         }
     }
 
-    /// Sets the state and restarts its timer from `now`.
+    /// Sets the state and restarts its timer from `now`. An unassured flow
+    /// gets at most `timeouts.unassured`.
     pub fn refresh(&mut self, now: Time, state: CtState, timeouts: &Timeouts) {
         self.state = state;
-        let t = secs(now).saturating_add(timeouts.for_state(state).as_secs().min(u64::from(u32::MAX)) as u32);
-        self.expires = t;
+        let mut d = timeouts.for_state(state);
+        if !self.assured() {
+            d = d.min(timeouts.unassured);
+        }
+        self.expires = secs(now).saturating_add(d.as_secs().min(u64::from(u32::MAX)) as u32);
+    }
+
+    /// Whether traffic has been seen both ways (see the module docs).
+    pub fn assured(&self) -> bool {
+        self.flags & ASSURED != 0
+    }
+
+    /// The trust bits after a packet in direction `reply` that moves the
+    /// flow to `state`: a reply is remembered, and a flow that has one and
+    /// is established (TCP) or replied (UDP) becomes assured for good.
+    pub fn trust_after(&self, reply: bool, state: CtState) -> u8 {
+        let mut f = self.flags;
+        if reply {
+            f |= SEEN_REPLY;
+        }
+        if f & SEEN_REPLY != 0 && matches!(state, CtState::Established | CtState::UdpReplied) {
+            f |= ASSURED;
+        }
+        f & (SEEN_REPLY | ASSURED)
+    }
+
+    /// Sets the trust bits computed by [`Entry::trust_after`].
+    pub fn set_trust(&mut self, bits: u8) {
+        self.flags = (self.flags & !(SEEN_REPLY | ASSURED)) | (bits & (SEEN_REPLY | ASSURED));
     }
 
     fn expired(&self, now: u32) -> bool {
@@ -118,7 +156,7 @@ pub enum InsertError {
     Exists,
     /// No reply tuple was free (SNAT ports exhausted for this backend).
     NoReplyTuple,
-    /// The shard is full of flows still being set up.
+    /// The shard is full of live assured flows (none may be evicted).
     Full,
 }
 
@@ -446,9 +484,9 @@ impl Shard {
         let mut best: Option<(u8, u32, usize)> = None;
         let mut looked = 0;
         // Look at EVICTION_SAMPLE slots; if none of them is expendable, keep
-        // looking (up to 4x) before giving up an established flow.
+        // looking (up to 4x) before refusing the new flow.
         for k in 0..(4 * EVICTION_SAMPLE).min(n) {
-            if k >= EVICTION_SAMPLE && best.is_some_and(|b| b.0 < 2) {
+            if k >= EVICTION_SAMPLE && best.is_some() {
                 break;
             }
             looked = k + 1;
@@ -459,10 +497,12 @@ impl Shard {
             }
             let rank = if e.expired(now_s) {
                 0
-            } else if e.state.is_disposable() {
+            } else if !e.assured() {
                 1
-            } else {
+            } else if e.state.is_finished() {
                 2
+            } else {
+                continue; // live and assured: never a victim
             };
             let cand = (rank, e.expires, i);
             if best.is_none_or(|b| (cand.0, cand.1) < (b.0, b.1)) {
@@ -473,10 +513,6 @@ impl Shard {
             }
         }
         self.hand = (self.hand + looked) % n;
-        if best.is_none() {
-            // The sample was all free or pending slots: scan for any live one.
-            return self.slab.iter().position(|e| e.is_some_and(|e| !e.pending()));
-        }
         best.map(|b| b.2)
     }
 }
@@ -561,7 +597,8 @@ mod tests {
         let c = ct(1000);
         let (f, r) = (key(1, 1000, 1, 80), key(9, 8080, 1, 1000));
         add(&c, Time::ZERO, f, r, CtState::SynSent).unwrap();
-        let syn = c.timeouts().tcp_syn_sent;
+        // Half-open: unassured, so the shorter of the two timeouts.
+        let syn = c.timeouts().tcp_syn_sent.min(c.timeouts().unassured);
         assert!(c
             .with_flow(Time::ZERO + (syn - Duration::from_secs(1)), &r, |_, _| ())
             .is_some());
@@ -597,6 +634,16 @@ mod tests {
         }
     }
 
+    /// Marks a flow as having seen traffic both ways.
+    fn assure(c: &Conntrack, now: Time, f: &FlowKey) {
+        c.with_flow(now, f, |_, e| {
+            e.set_trust(e.trust_after(true, CtState::Established));
+            let state = e.state;
+            e.refresh(now, state, &Timeouts::default());
+        })
+        .unwrap();
+    }
+
     #[test]
     fn eviction_prefers_half_open_flows() {
         let c = ct(64);
@@ -606,6 +653,7 @@ mod tests {
         for i in 0..(per as u16 / 2) {
             let f = key(1, 2000 + i, 1, 80);
             add(&c, Time::ZERO, f, key(9, 80, 1, 2000 + i), CtState::Established).unwrap();
+            assure(&c, Time::ZERO, &f);
             established.push(f);
         }
         let mut evictions = 0;
@@ -625,6 +673,66 @@ mod tests {
             .filter(|f| c.with_flow(Time::ZERO, f, |_, _| ()).is_some())
             .count();
         assert_eq!(survivors, established.len(), "a SYN flood evicted established flows");
+    }
+
+    #[test]
+    fn a_full_table_of_assured_flows_refuses_new_ones_instead_of_evicting() {
+        let c = ct(64);
+        let per = c.per_shard as u16;
+        let mut real = Vec::new();
+        for i in 0..per {
+            let f = key(1, 2000 + i, 1, 80);
+            add(&c, Time::ZERO, f, key(9, 80, 1, 2000 + i), CtState::Established).unwrap();
+            assure(&c, Time::ZERO, &f);
+            real.push(f);
+        }
+        // Pickups (established but unassured), SYNs and UDP: none gets in.
+        for (i, state) in [CtState::Established, CtState::SynSent, CtState::UdpUnreplied]
+            .into_iter()
+            .enumerate()
+        {
+            let f = key(2, 3000 + i as u16, 1, 80);
+            assert_eq!(
+                add(&c, Time::ZERO, f, key(9, 80, 2, 3000 + i as u16), state),
+                Err(InsertError::Full)
+            );
+        }
+        assert!(real.iter().all(|f| c.with_flow(Time::ZERO, f, |_, _| ()).is_some()));
+        // A finished assured flow makes room.
+        c.with_flow(Time::ZERO, &real[0], |_, e| e.state = CtState::TimeWait)
+            .unwrap();
+        add(
+            &c,
+            Time::ZERO,
+            key(2, 4000, 1, 80),
+            key(9, 80, 2, 4000),
+            CtState::SynSent,
+        )
+        .unwrap();
+        assert!(c.with_flow(Time::ZERO, &real[0], |_, _| ()).is_none());
+        assert!(real[1..]
+            .iter()
+            .all(|f| c.with_flow(Time::ZERO, f, |_, _| ()).is_some()));
+    }
+
+    #[test]
+    fn unassured_flows_live_short_and_assured_ones_get_their_states_timeout() {
+        let c = ct(1000);
+        let t = *c.timeouts();
+        let (f, r) = (key(1, 1000, 1, 80), key(9, 8080, 1, 1000));
+        // A mid-stream pickup: established, but nothing seen back yet.
+        add(&c, Time::ZERO, f, r, CtState::Established).unwrap();
+        assert!(c.with_flow(Time::ZERO + t.unassured, &f, |_, _| ()).is_none());
+        add(&c, Time::ZERO, f, r, CtState::Established).unwrap();
+        assure(&c, Time::ZERO, &f);
+        assert!(c
+            .with_flow(Time::ZERO + t.unassured * 100, &f, |_, e| e.assured())
+            .unwrap());
+        // Trust needs a reply: forward packets alone never assure.
+        let e = Entry::new(f, r, SvcId(1), 0, CtState::Established);
+        assert_eq!(e.trust_after(false, CtState::Established) & ASSURED, 0);
+        assert_ne!(e.trust_after(true, CtState::Established) & ASSURED, 0);
+        assert_eq!(e.trust_after(true, CtState::SynRecv) & ASSURED, 0);
     }
 
     #[test]

@@ -31,11 +31,6 @@ pub enum CtState {
 }
 
 impl CtState {
-    /// States eviction sacrifices first: nobody is waiting on them for long.
-    pub fn is_disposable(self) -> bool {
-        !matches!(self, CtState::Established | CtState::UdpReplied)
-    }
-
     /// A new SYN on a flow in these states starts a new connection.
     pub fn is_finished(self) -> bool {
         matches!(self, CtState::TimeWait | CtState::Close)
@@ -52,6 +47,11 @@ pub struct Timeouts {
     pub tcp_close: Duration,
     pub udp: Duration,
     pub udp_stream: Duration,
+    /// The longest any flow not yet *assured* (traffic seen both ways; see
+    /// `conntrack`) is kept, whatever its state: mid-stream pickups and
+    /// half-open flows cost an attacker one spoofed packet each, so they
+    /// must not hold a slot for the established timeout of a day.
+    pub unassured: Duration,
 }
 
 impl Default for Timeouts {
@@ -65,6 +65,7 @@ impl Default for Timeouts {
             tcp_close: Duration::from_secs(10),
             udp: Duration::from_secs(30),
             udp_stream: Duration::from_secs(120),
+            unassured: Duration::from_secs(30),
         }
     }
 }
@@ -87,6 +88,32 @@ impl Timeouts {
 /// Flags remembered beside the state.
 pub const FIN_FORWARD: u8 = 0x01;
 pub const FIN_REPLY: u8 = 0x02;
+
+/// Whether a TCP flag combination is one a real stack sends, as
+/// netfilter's `tcp_valid_flags` table has it (ECE/CWR ignored). Anything
+/// else (no flags, SYN+FIN, SYN+RST, FIN without ACK, ...) is a scan or a
+/// forgery: netfilter marks it INVALID and kube-proxy drops INVALID.
+pub fn tcp_flags_valid(flags: u8) -> bool {
+    const URG: u8 = 0x20;
+    const PSH: u8 = 0x08;
+    use crate::wire::l4::{TCP_ACK as A, TCP_FIN as F, TCP_RST as R, TCP_SYN as S};
+    matches!(
+        flags & 0x3f,
+        S | 0x22 // SYN, SYN|URG
+            | 0x12 // SYN|ACK
+            | R
+            | 0x14 // RST|ACK
+            | 0x1c // RST|ACK|PSH
+            | 0x11 // FIN|ACK
+            | 0x31 // FIN|ACK|URG
+            | A
+            | 0x30 // ACK|URG
+            | 0x19 // FIN|ACK|PSH
+            | 0x39 // FIN|ACK|PSH|URG
+            | 0x18 // ACK|PSH
+            | 0x38 // ACK|PSH|URG
+    ) && (flags & (S | F | R | A | URG | PSH)) != 0
+}
 
 /// The state of a new TCP flow created by a packet with `flags`. A non-SYN
 /// packet (kxp restarted, or the entry was evicted) is picked up as
@@ -166,6 +193,32 @@ mod tests {
             tcp_advance(CtState::SynSent, &mut fins, TCP_SYN | TCP_ACK, true),
             CtState::SynSent
         );
+    }
+
+    #[test]
+    fn flag_combinations_real_stacks_never_send_are_invalid() {
+        for ok in [
+            TCP_SYN,
+            TCP_SYN | TCP_ACK,
+            TCP_ACK,
+            TCP_ACK | 0x08,
+            TCP_FIN | TCP_ACK,
+            TCP_RST,
+            TCP_RST | TCP_ACK,
+            TCP_SYN | 0x40 | 0x80, // ECN-setup SYN
+        ] {
+            assert!(tcp_flags_valid(ok), "{ok:#x}");
+        }
+        for bad in [
+            0,
+            TCP_FIN,
+            TCP_SYN | TCP_FIN,
+            TCP_SYN | TCP_RST,
+            0x29, /* xmas */
+            0x08,
+        ] {
+            assert!(!tcp_flags_valid(bad), "{bad:#x}");
+        }
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct Tables {
     pod_routes: Map<Cidr, RemoteNode>,
     /// Distinct prefix lengths in `pod_routes`, longest first.
     route_lens: Arc<[u8]>,
+    /// The nodes `pod_routes` lead to, sorted: the only sources VXLAN is
+    /// accepted from.
+    overlay_peers: Arc<[Ipv4Addr]>,
     neighbors: Map<Ipv4Addr, Mac>,
 }
 
@@ -109,6 +112,7 @@ impl Tables {
             local_pods: map(),
             pod_routes: map(),
             route_lens: Arc::from([]),
+            overlay_peers: Arc::from([]),
             neighbors: map(),
         }
     }
@@ -160,6 +164,13 @@ impl Tables {
         self.route_lens
             .iter()
             .find_map(|&len| self.pod_routes.get(&Cidr::of(ip, len)).copied())
+    }
+
+    /// Whether `ip` is another node's overlay endpoint (a node whose pod
+    /// CIDR kxp routes to).
+    #[inline]
+    pub fn is_overlay_peer(&self, ip: Ipv4Addr) -> bool {
+        self.overlay_peers.binary_search(&ip).is_ok()
     }
 
     /// Other nodes' pod CIDRs.
@@ -256,19 +267,24 @@ impl Tables {
 
     pub fn set_pod_route(&mut self, cidr: Cidr, node: RemoteNode) {
         self.pod_routes.insert(cidr, node);
-        self.refresh_route_lens();
+        self.refresh_routes();
     }
 
     pub fn remove_pod_route(&mut self, cidr: Cidr) {
         self.pod_routes.remove(&cidr);
-        self.refresh_route_lens();
+        self.refresh_routes();
     }
 
-    fn refresh_route_lens(&mut self) {
+    /// Derived lookups, rebuilt per route change (routes: one per node).
+    fn refresh_routes(&mut self) {
         let mut lens: Vec<u8> = self.pod_routes.keys().map(Cidr::prefix_len).collect();
         lens.sort_unstable_by(|a, b| b.cmp(a));
         lens.dedup();
         self.route_lens = lens.into();
+        let mut peers: Vec<Ipv4Addr> = self.pod_routes.values().map(|r| r.node_ip).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        self.overlay_peers = peers.into();
     }
 
     pub fn set_neighbor(&mut self, ip: Ipv4Addr, mac: Mac) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::maglev::{Maglev, MAX_BACKENDS};
-use crate::addr::{BackendAddr, Frontend, Proto, SvcId};
+use crate::addr::{BackendAddr, Cidr, Frontend, Proto, SvcId};
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
@@ -41,6 +41,9 @@ pub struct ServiceSpec {
     pub internal_local: bool,
     /// `sessionAffinity: ClientIP` with its timeout.
     pub affinity: Option<Duration>,
+    /// `loadBalancerSourceRanges`: when not empty, only these sources may
+    /// open flows through the LoadBalancer IPs (kube-proxy's firewall).
+    pub source_ranges: Vec<Cidr>,
     pub endpoints: Vec<EndpointInfo>,
 }
 
@@ -59,6 +62,7 @@ impl ServiceSpec {
             external_local: false,
             internal_local: false,
             affinity: None,
+            source_ranges: vec![],
             endpoints: vec![],
         }
     }
@@ -141,6 +145,9 @@ pub struct ServicePort {
     /// Local endpoints only; built when a traffic policy is Local.
     local: Option<BackendSet>,
     frontends: Box<[(Frontend, Reach)]>,
+    /// LoadBalancer IPs behind `loadBalancerSourceRanges` (empty: open).
+    firewalled: Box<[Ipv4Addr]>,
+    source_ranges: Box<[Cidr]>,
 }
 
 impl ServicePort {
@@ -178,7 +185,26 @@ impl ServicePort {
             cluster,
             local,
             frontends,
+            firewalled: if spec.source_ranges.is_empty() {
+                Box::default()
+            } else {
+                spec.load_balancer_ips.clone().into_boxed_slice()
+            },
+            source_ranges: spec.source_ranges.clone().into_boxed_slice(),
         }
+    }
+
+    /// Whether `src` may open a flow to `dst`, kube-proxy's firewall for
+    /// LoadBalancer IPs: open unless `dst` is an LB IP of a service with
+    /// `loadBalancerSourceRanges`; then the ranges may, and so may the LB
+    /// IPs themselves when a range holds a node address (a node that routes
+    /// its VIP locally reaches it from the VIP). Everything else is denied.
+    pub fn source_allowed(&self, src: Ipv4Addr, dst: Ipv4Addr, node_ips: &[Ipv4Addr]) -> bool {
+        if !self.firewalled.contains(&dst) {
+            return true;
+        }
+        let in_ranges = |ip: Ipv4Addr| self.source_ranges.iter().any(|r| r.contains(ip));
+        in_ranges(src) || (self.firewalled.contains(&src) && node_ips.iter().any(|n| in_ranges(*n)))
     }
 
     /// The backends this traffic may use. `from_cluster` is true when the
@@ -272,6 +298,31 @@ mod tests {
         assert!(s
             .endpoint(BackendAddr(Endpoint::new(Ipv4Addr::new(10, 244, 0, 1), 80)))
             .is_some());
+    }
+
+    #[test]
+    fn source_ranges_guard_only_load_balancer_ips() {
+        let lb = Ipv4Addr::new(198, 51, 100, 10);
+        let node = [Ipv4Addr::new(192, 168, 0, 1)];
+        let mut sp = spec(vec![ep(1, true, true, false, false)]);
+        sp.load_balancer_ips = vec![lb];
+        sp.external_ips = vec![Ipv4Addr::new(198, 51, 100, 20)];
+        let open = ServicePort::compile(&sp, None);
+        assert!(open.source_allowed(Ipv4Addr::new(203, 0, 113, 7), lb, &node));
+        sp.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+        let s = ServicePort::compile(&sp, None);
+        assert!(s.source_allowed(Ipv4Addr::new(203, 0, 113, 7), lb, &node));
+        assert!(!s.source_allowed(Ipv4Addr::new(8, 8, 8, 8), lb, &node));
+        assert!(!s.source_allowed(lb, lb, &node), "no range holds the node");
+        // ClusterIP and externalIPs are not behind the LB firewall.
+        assert!(s.source_allowed(Ipv4Addr::new(8, 8, 8, 8), Ipv4Addr::new(10, 96, 0, 1), &node));
+        assert!(s.source_allowed(Ipv4Addr::new(8, 8, 8, 8), Ipv4Addr::new(198, 51, 100, 20), &node));
+        sp.source_ranges.push("192.168.0.0/24".parse().unwrap());
+        let s = ServicePort::compile(&sp, None);
+        assert!(
+            s.source_allowed(lb, lb, &node),
+            "the VIP itself, from a node the ranges hold"
+        );
     }
 
     #[test]

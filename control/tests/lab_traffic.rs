@@ -44,6 +44,11 @@ impl Cluster {
     /// kxp on the nodes `kxp_on` of `lab`, with `extra` lines for each
     /// config's `kxp:` section.
     fn with(lab: Lab, kxp_on: &[u8], services: &[Svc], extra: &str) -> Cluster {
+        Cluster::with_config(lab, kxp_on, services, "", extra)
+    }
+
+    /// `with`, plus `top` lines for the KubeProxyConfiguration itself.
+    fn with_config(lab: Lab, kxp_on: &[u8], services: &[Svc], top: &str, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         write_manifests(&dir.path().join("manifests"), &lab, services).unwrap();
         let bin = Path::new(env!("CARGO_BIN_EXE_kxp"));
@@ -51,7 +56,7 @@ impl Cluster {
             .iter()
             .map(|n| {
                 let node = &lab.nodes[usize::from(*n) - 1];
-                Kxp::start_with(bin, node, &dir.path().join("manifests"), dir.path(), extra)
+                Kxp::start_configured(bin, node, &dir.path().join("manifests"), dir.path(), top, extra)
                     .unwrap_or_else(|e| panic!("{e}"))
             })
             .collect();
@@ -566,4 +571,83 @@ fn a_packet_too_big_for_the_overlay_teaches_its_sender_the_path_mtu() {
     assert_eq!(c.kxps[0].metric_sum("kxp_worker_drops", &["reason=\"too_big\""]), 0.0);
     let sent = c.kxps[0].metric_sum("kxp_worker_events", &["event=\"frag_needed\""]);
     assert!(sent >= 1.0, "kxp, not the kernel's flannel.1, answered: {sent}");
+}
+
+/// Issue #8: 200 established connections through a NodePort and a
+/// ClusterIP, then a million spoofed-source packets of each kind (SYN, ACK,
+/// no flags, FIN, RST, UDP) at the NodePort with a conntrack table far too
+/// small for them: the connections still carry data, new connections get
+/// through during the flood, and kxp's memory stays put.
+#[test]
+fn spoofed_floods_leave_established_and_new_connections_alone() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    use lab::flood::{flood, Kind};
+    use lab::probe::{echoes, open, Echo};
+    const ECHO: u16 = 7007;
+    const NODE_PORT: u16 = 30707;
+    const FLOOD: u64 = 1_000_000;
+    let mut svc = Svc::new("echo", vip(77), ECHO, &[(pod_ip(1, 0), 1)]);
+    svc.node_port = Some(NODE_PORT);
+    // 2048 flows in all: the flood overfills it hundreds of times.
+    let c = Cluster::with_config(
+        Lab::build(1, 2).expect("lab builds"),
+        &[1],
+        &[svc],
+        "conntrack: {maxPerCore: 1024, min: 2048}\n",
+        "",
+    );
+    let _echo = Echo::start(&c.pod(1, 0).ns, ECHO).unwrap();
+    let node_port = sa(node_ip(1), NODE_PORT);
+    let cluster_ip = sa(vip(77), ECHO);
+    let mut conns = Vec::new();
+    for i in 0..200 {
+        let (ns, to) = if i % 2 == 0 {
+            (&c.lab.client.ns, node_port)
+        } else {
+            (&c.pod(1, 1).ns, cluster_ip)
+        };
+        let mut s = open(ns, to, Duration::from_secs(3)).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert!(echoes(&mut s), "connection {i} carries no data before the flood");
+        conns.push(s);
+    }
+    let rss_before = c.kxps[0].rss_bytes();
+    let target = SocketAddrV4::new(node_ip(1), NODE_PORT);
+    for kind in Kind::ALL {
+        let client_ns = c.lab.client.ns.clone();
+        let attack = std::thread::spawn(move || flood(&client_ns, kind, target, FLOOD, 2));
+        // New connections keep getting through while it runs.
+        let mut fresh = 0;
+        while !attack.is_finished() {
+            let mut s = open(&c.lab.client.ns, node_port, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("a new connection failed during the {} flood: {e}", kind.name()));
+            assert!(
+                echoes(&mut s),
+                "a new connection carried no data during the {} flood",
+                kind.name()
+            );
+            fresh += 1;
+        }
+        let sent = attack.join().unwrap().unwrap();
+        eprintln!(
+            "{} flood: {} packets in {:.1} s ({:.0} pps), {fresh} new connections meanwhile",
+            kind.name(),
+            sent.packets,
+            sent.elapsed.as_secs_f64(),
+            sent.pps()
+        );
+    }
+    let alive = conns.iter_mut().map(echoes).filter(|ok| *ok).count();
+    assert!(alive >= 199, "only {alive} of 200 connections survived the floods");
+    let rss_after = c.kxps[0].rss_bytes();
+    assert!(
+        rss_after < rss_before + 32 * 1024 * 1024,
+        "kxp grew from {rss_before} to {rss_after} bytes"
+    );
+    // Every kind was seen and refused for what it was.
+    for reason in ["invalid_tcp_flags", "stray_tcp"] {
+        assert!(c.dropped(reason) > 0.0, "no {reason} drops");
+    }
+    c.assert_no_checksum_errors();
 }

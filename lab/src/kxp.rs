@@ -173,6 +173,19 @@ impl Kxp {
         work: &Path,
         kxp_extra: &str,
     ) -> Result<Kxp, LabError> {
+        Kxp::start_configured(bin, node, manifests, work, "", kxp_extra)
+    }
+
+    /// `start_with` plus `top` lines for the KubeProxyConfiguration itself
+    /// (e.g. `"conntrack: {maxPerCore: 1024, min: 2048}\n"`).
+    pub fn start_configured(
+        bin: &Path,
+        node: &Node,
+        manifests: &Path,
+        work: &Path,
+        top: &str,
+        kxp_extra: &str,
+    ) -> Result<Kxp, LabError> {
         let n = node.index;
         let pods: Vec<String> = (0..node.pods.len()).map(|i| format!("vp{n}_{i}")).collect();
         let healthz = format!("127.0.0.1:{}", 10256);
@@ -180,7 +193,7 @@ impl Kxp {
         let cfg = work.join(format!("kxp-n{n}.yaml"));
         let text = format!(
             "kind: KubeProxyConfiguration\nclusterCIDR: 10.77.0.0/16\nhealthzBindAddress: {healthz}\n\
-             metricsBindAddress: {metrics}\nminSyncPeriod: 100ms\nkxp:\n  interfaces: [eth0]\n  podInterfaces: [{}]\n{kxp_extra}",
+             metricsBindAddress: {metrics}\nminSyncPeriod: 100ms\n{top}kxp:\n  interfaces: [eth0]\n  podInterfaces: [{}]\n{kxp_extra}",
             pods.join(", ")
         );
         let io = |e: std::io::Error| LabError::Spawn {
@@ -263,6 +276,18 @@ impl Kxp {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// kxp's resident memory, in bytes (VmRSS).
+    pub fn rss_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map_or(0, |kb| kb * 1024)
     }
 
     /// Sends SIGKILL and waits.

@@ -21,6 +21,7 @@
 //! because a real wire carries complete checksums (see DESIGN.md section 4).
 //! Pod MTU is 1450, leaving room for VXLAN as Flannel does.
 
+pub mod flood;
 pub mod kxp;
 pub mod probe;
 

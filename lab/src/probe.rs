@@ -101,3 +101,90 @@ pub fn connect(ns: &str, to: SocketAddr, timeout: Duration) -> Result<String, st
     })
     .map_err(|e| std::io::Error::other(e.to_string()))?
 }
+
+/// A TCP echo server in a namespace, one thread per connection, until
+/// dropped: long-lived connections a test can probe again and again.
+pub struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Echo {
+    /// Echoes every byte on `0.0.0.0:port` in namespace `ns`.
+    pub fn start(ns: &str, port: u16) -> Result<Echo, LabError> {
+        let listener =
+            crate::in_namespace(ns, move || TcpListener::bind(("0.0.0.0", port)))?.map_err(|e| LabError::Enter {
+                ns: ns.to_string(),
+                reason: format!("listen on port {port}: {e}"),
+            })?;
+        listener.set_nonblocking(true).map_err(|e| LabError::Enter {
+            ns: ns.to_string(),
+            reason: e.to_string(),
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let s = s.clone();
+                        conns.push(std::thread::spawn(move || echo(conn, &s)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        Ok(Echo {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn echo(mut conn: TcpStream, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens a TCP connection from namespace `ns` (the socket stays in that
+/// namespace) and keeps it for the caller.
+pub fn open(ns: &str, to: SocketAddr, timeout: Duration) -> Result<TcpStream, std::io::Error> {
+    let s = crate::in_namespace(ns, move || TcpStream::connect_timeout(&to, timeout))
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// Whether a connection to an [`Echo`] still carries data both ways: one
+/// message out, the same message back within the read timeout.
+pub fn echoes(s: &mut TcpStream) -> bool {
+    let msg = b"kxp?\n";
+    let mut back = [0u8; 5];
+    s.write_all(msg).is_ok() && s.read_exact(&mut back).is_ok() && &back == msg
+}

@@ -130,22 +130,36 @@ fn tables(services: usize) -> Tables {
     t
 }
 
-/// Fixed-size frames stored back to back.
+/// Fixed-size frames stored back to back, each with the port it arrives on
+/// (kxp checks that a pod sends from its own port).
 struct Frames {
     bytes: Vec<u8>,
     size: usize,
-    port: PortId,
+    ports: Vec<PortId>,
+    /// Every timed frame must be transmitted (false: the pass-through floor).
+    forwarded: bool,
 }
 
 impl Frames {
     fn new(port: PortId, frames: impl Iterator<Item = Vec<u8>>) -> Self {
+        Frames::on_ports(frames.map(|f| (port, f)))
+    }
+
+    fn on_ports(frames: impl Iterator<Item = (PortId, Vec<u8>)>) -> Self {
         let mut bytes = Vec::new();
+        let mut ports = Vec::new();
         let mut size = 0;
-        for f in frames {
+        for (p, f) in frames {
             size = f.len();
             bytes.extend_from_slice(&f);
+            ports.push(p);
         }
-        Frames { bytes, size, port }
+        Frames {
+            bytes,
+            size,
+            ports,
+            forwarded: true,
+        }
     }
 
     fn len(&self) -> usize {
@@ -176,18 +190,28 @@ fn run_frames(
     let mut buf = vec![0u8; HEADROOM + 2048];
     let start = Instant::now();
     let mut done = 0;
+    let mut not_sent = None;
     while done < count {
         let t = reader.load();
         now.0 += 1_000;
         for _ in 0..BATCH.min(count - done) {
-            let f = frames.get(order(done));
+            let i = order(done);
+            let f = frames.get(i);
             buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
             let mut frame = Frame::new(&mut buf, HEADROOM, f.len());
-            black_box(w.process(*now, &t, frames.port, &mut frame));
+            let v = black_box(w.process(*now, &t, frames.ports[i], &mut frame));
+            if matches!(v, Verdict::Tx(_)) != frames.forwarded {
+                not_sent = Some(v);
+            }
             done += 1;
         }
     }
-    start.elapsed().as_nanos() as f64 / count as f64
+    let ns = start.elapsed().as_nanos() as f64 / count as f64;
+    // A path that drops is not the path it claims to time.
+    if let Some(v) = not_sent {
+        panic!("bench setup: a timed frame got {v:?}");
+    }
+    ns
 }
 
 fn path(ns: f64) -> Value {
@@ -232,7 +256,7 @@ fn update_latency(
     let stop = Arc::new(AtomicBool::new(false));
     let base = Instant::now();
     let hot_bytes: Vec<Vec<u8>> = (0..hot.len()).map(|i| hot.get(i).to_vec()).collect();
-    let port = hot.port;
+    let ports = hot.ports.clone();
     let (g2, a2, s2) = (seen_gen.clone(), seen_at.clone(), stop.clone());
     let handle = std::thread::spawn(move || {
         let mut w = worker;
@@ -250,11 +274,12 @@ fn update_latency(
             }
             now.0 += 1_000;
             for _ in 0..BATCH {
-                let f = &hot_bytes[i % hot_bytes.len()];
+                let k = i % hot_bytes.len();
+                let f = &hot_bytes[k];
                 i += 1;
                 buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
                 let mut frame = Frame::new(&mut buf, HEADROOM, f.len());
-                black_box(w.process(now, &t, port, &mut frame));
+                black_box(w.process(now, &t, ports[k], &mut frame));
             }
         }
         w
@@ -331,23 +356,19 @@ fn measure_size(args: &Args, services: usize) -> Value {
     // Learn each flow's backend to build its replies.
     let tables_now = reader.load();
     let mut buf = vec![0u8; HEADROOM + 2048];
-    let reply = Frames::new(
-        PortId(1),
-        (0..flows).map(|k| {
-            let f = ack.get(k);
-            buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
-            let mut frame = Frame::new(&mut buf, HEADROOM, f.len());
-            let port = expect_tx(w.process(now, &tables_now, PortId(0), &mut frame), "established packet");
-            let out = craft::inspect(frame.data()).expect("engine output parses");
-            let i = (port.0 - 1) as u8;
-            Spec::tcp((out.dst, out.ports.1), (out.src, out.ports.0), TCP_ACK)
-                .macs(pod_mac(i), Mac([2, 0, 0, 1, 0, i]))
-                .build()
-        }),
-    );
+    let reply = Frames::on_ports((0..flows).map(|k| {
+        let f = ack.get(k);
+        buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+        let mut frame = Frame::new(&mut buf, HEADROOM, f.len());
+        let port = expect_tx(w.process(now, &tables_now, PortId(0), &mut frame), "established packet");
+        let out = craft::inspect(frame.data()).expect("engine output parses");
+        let i = (port.0 - 1) as u8;
+        let reply = Spec::tcp((out.dst, out.ports.1), (out.src, out.ports.0), TCP_ACK)
+            .macs(pod_mac(i), Mac([2, 0, 0, 1, 0, i]))
+            .build();
+        (port, reply)
+    }));
     drop(tables_now);
-    // Replies come from several pod ports; time them all as if from one port
-    // (the port only picks the origin class, identical for every pod).
 
     let allocs_before = memory::allocation_calls();
     let est_hot = run_frames(&mut w, &reader, &ack, args.packets, |i| i % HOT.min(flows), &mut now);
@@ -357,18 +378,28 @@ fn measure_size(args: &Args, services: usize) -> Value {
     let rep_cold = run_frames(&mut w, &reader, &reply, flows, |i| cold_order[i] as usize, &mut now);
 
     // NodePort with SNAT (eTP=Cluster): 10,000 clients, then the hot set.
-    let np_syn = Frames::new(
-        PortId(0),
-        (0..10_000).map(|k| {
-            let c = (
-                Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + k as u32),
-                40000,
-            );
-            Spec::tcp(c, (NODE_IP, 30080), TCP_SYN).macs(GW_MAC, UPLINK_MAC).build()
-        }),
-    );
+    let np_client = |k: usize| {
+        (
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + k as u32),
+            40000,
+        )
+    };
+    let np_frames = |flags: u8| {
+        Frames::new(
+            PortId(0),
+            (0..10_000).map(move |k| {
+                Spec::tcp(np_client(k), (NODE_IP, 30080), flags)
+                    .macs(GW_MAC, UPLINK_MAC)
+                    .build()
+            }),
+        )
+    };
+    let np_syn = np_frames(TCP_SYN);
     let np_new = run_frames(&mut w, &reader, &np_syn, np_syn.len(), |i| i, &mut now);
-    let np_est = run_frames(&mut w, &reader, &np_syn, args.packets, |i| i % HOT, &mut now);
+    // Established: the flows' later segments (a SYN again would be a
+    // retransmission, which kxp verifies like any state change).
+    let np_ack = np_frames(TCP_ACK);
+    let np_est = run_frames(&mut w, &reader, &np_ack, args.packets, |i| i % HOT, &mut now);
 
     // Overlay: pod to remote pods (encap) and back (decap).
     let encap = Frames::new(
@@ -406,7 +437,8 @@ fn measure_size(args: &Args, services: usize) -> Value {
     arp.extend_from_slice(&GW_MAC.0);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.resize(60, 0);
-    let arp = Frames::new(PortId(0), std::iter::once(arp));
+    let mut arp = Frames::new(PortId(0), std::iter::once(arp));
+    arp.forwarded = false;
     let floor = run_frames(&mut w, &reader, &arp, args.packets, |_| 0, &mut now);
     let enc = run_frames(&mut w, &reader, &encap, args.packets, |i| i % HOT.min(flows), &mut now);
     let dec = run_frames(&mut w, &reader, &decap, args.packets, |i| i % HOT.min(flows), &mut now);

@@ -105,10 +105,7 @@ impl Worker {
     ) -> Result<Verdict, DropReason> {
         // Only nodes kxp routes pods to may tunnel to it: anyone else could
         // wrap a packet to a ClusterIP and reach what is cluster-internal.
-        let peer = outer.ip.src;
-        if !t.is_overlay_peer(peer) {
-            return Err(DropReason::OverlayUnknownPeer);
-        }
+        let peer = t.overlay_peer(outer.ip.src).ok_or(DropReason::OverlayUnknownPeer)?;
         let vx = udp.off + UDP_HEADER_LEN;
         let vni = vxlan::parse(frame.data(), vx)?;
         if vni != t.node().vxlan.vni {
@@ -121,7 +118,7 @@ impl Worker {
         }
         let ip = ipv4::parse(frame.data(), l2.len)?;
         // A peer speaks for its own pods and itself, nobody else.
-        if ip.src != peer && t.remote_node(ip.src).is_none_or(|n| n.node_ip != peer) {
+        if !peer.may_send_from(ip.src) {
             return Err(DropReason::OverlaySpoofedSource);
         }
         frame.truncate(ip.end());

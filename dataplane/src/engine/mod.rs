@@ -137,14 +137,9 @@ impl Worker {
         let ip = ipv4::parse(frame.data(), l2.len)?;
         // Source validation (what rp_filter and a CNI's anti-spoofing rules
         // did before kxp took the traffic): a pod may only send from the
-        // addresses routed to its own port, and nobody on the uplink may
-        // claim a local pod's address.
-        match origin {
-            Origin::Pod if t.local_pod(ip.src).is_none_or(|p| p.port != ingress) => {
-                return Err(DropReason::SpoofedSource)
-            }
-            Origin::Uplink if t.local_pod(ip.src).is_some() => return Err(DropReason::SpoofedSource),
-            _ => {}
+        // addresses routed to its own port.
+        if origin == Origin::Pod && !t.pod_may_send_from(ingress, ip.src) {
+            return Err(DropReason::SpoofedSource);
         }
         if ip.is_fragment() {
             // Only the first fragment has ports; NATing fragments needs
@@ -166,6 +161,11 @@ impl Worker {
                     return self.decap(now, t, frame, pkt, u);
                 }
             }
+        }
+        // Nobody on the uplink may claim a local pod's address (VXLAN is
+        // checked against its peer instead, above).
+        if origin == Origin::Uplink && t.local_pod(ip.src).is_some() {
+            return Err(DropReason::SpoofedSource);
         }
         self.handle_ip(now, t, frame, pkt)
     }

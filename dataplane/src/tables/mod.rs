@@ -46,6 +46,24 @@ pub struct LocalPod {
     pub mac: Mac,
 }
 
+/// The source addresses of one pod port, inline for the common case (a pod
+/// has one IPv4 address).
+#[derive(Clone, Copy, Debug)]
+struct PodSources {
+    addrs: [Ipv4Addr; 2],
+    /// How many addresses the port has; above `addrs.len()` the map decides.
+    count: u8,
+}
+
+impl Default for PodSources {
+    fn default() -> Self {
+        PodSources {
+            addrs: [Ipv4Addr::UNSPECIFIED; 2],
+            count: 0,
+        }
+    }
+}
+
 /// Another node, reached over VXLAN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteNode {
@@ -53,6 +71,25 @@ pub struct RemoteNode {
     pub node_ip: Ipv4Addr,
     /// Its VTEP MAC (inner destination), e.g. Flannel's `VtepMAC`.
     pub vtep_mac: Mac,
+}
+
+/// Another node that may send VXLAN to this one.
+pub struct OverlayPeer<'a> {
+    addr: Ipv4Addr,
+    pod_cidr: Cidr,
+    tables: &'a Tables,
+}
+
+impl OverlayPeer<'_> {
+    /// Whether the peer may speak for `src`: its own address or its pods.
+    #[inline]
+    pub fn may_send_from(&self, src: Ipv4Addr) -> bool {
+        // A node has one IPv4 pod CIDR; a second route to the same node is
+        // found by the route lookup (only on this slow, refusing path).
+        src == self.addr
+            || self.pod_cidr.contains(src)
+            || self.tables.remote_node(src).is_some_and(|n| n.node_ip == self.addr)
+    }
 }
 
 /// Why control's change could not be applied; the snapshot is unchanged.
@@ -92,12 +129,18 @@ pub struct Tables {
     node_ports: Map<(Proto, u16), Arc<ServicePort>>,
     services: Map<SvcId, Arc<ServicePort>>,
     local_pods: Map<Ipv4Addr, LocalPod>,
+    /// The addresses each port's pod may send from, by `PortId` (derived
+    /// from `local_pods`): the per-packet source check is an index and a
+    /// compare, not a map lookup.
+    pod_sources: Arc<[PodSources]>,
     pod_routes: Map<Cidr, RemoteNode>,
     /// Distinct prefix lengths in `pod_routes`, longest first.
     route_lens: Arc<[u8]>,
-    /// The nodes `pod_routes` lead to, sorted: the only sources VXLAN is
-    /// accepted from.
-    overlay_peers: Arc<[Ipv4Addr]>,
+    /// Node address -> its pod CIDR, for every route: the only sources
+    /// VXLAN is accepted from, and what each may speak for. A plain hash
+    /// map rebuilt per route change: it is read for every decapsulated
+    /// packet, and a binary search's branches cost 30 ns there.
+    overlay_peers: Arc<std::collections::HashMap<Ipv4Addr, Cidr, ahash::RandomState>>,
     neighbors: Map<Ipv4Addr, Mac>,
 }
 
@@ -110,9 +153,10 @@ impl Tables {
             node_ports: map(),
             services: map(),
             local_pods: map(),
+            pod_sources: Arc::from([]),
             pod_routes: map(),
             route_lens: Arc::from([]),
-            overlay_peers: Arc::from([]),
+            overlay_peers: Arc::default(),
             neighbors: map(),
         }
     }
@@ -166,11 +210,16 @@ impl Tables {
             .find_map(|&len| self.pod_routes.get(&Cidr::of(ip, len)).copied())
     }
 
-    /// Whether `ip` is another node's overlay endpoint (a node whose pod
-    /// CIDR kxp routes to).
+    /// `peer` when it is another node's overlay endpoint (a node whose pod
+    /// CIDR kxp routes to); `None` for anyone else.
     #[inline]
-    pub fn is_overlay_peer(&self, ip: Ipv4Addr) -> bool {
-        self.overlay_peers.binary_search(&ip).is_ok()
+    pub fn overlay_peer(&self, peer: Ipv4Addr) -> Option<OverlayPeer<'_>> {
+        let pod_cidr = *self.overlay_peers.get(&peer)?;
+        Some(OverlayPeer {
+            addr: peer,
+            pod_cidr,
+            tables: self,
+        })
     }
 
     /// Other nodes' pod CIDRs.
@@ -259,10 +308,43 @@ impl Tables {
 
     pub fn set_local_pod(&mut self, ip: Ipv4Addr, pod: LocalPod) {
         self.local_pods.insert(ip, pod);
+        self.refresh_pod_sources();
     }
 
     pub fn remove_local_pod(&mut self, ip: Ipv4Addr) {
         self.local_pods.remove(&ip);
+        self.refresh_pod_sources();
+    }
+
+    /// Whether the pod behind `port` may send from `src`: `src` is one of
+    /// the addresses routed to that port.
+    #[inline]
+    pub fn pod_may_send_from(&self, port: PortId, src: Ipv4Addr) -> bool {
+        match self.pod_sources.get(usize::from(port.0)) {
+            Some(s) if s.count as usize <= s.addrs.len() => s.addrs[..s.count as usize].contains(&src),
+            // More addresses than fit inline: ask the map.
+            Some(_) => self.local_pods.get(&src).is_some_and(|p| p.port == port),
+            None => false,
+        }
+    }
+
+    /// Rebuilt per local pod change (a node has a few hundred at most).
+    fn refresh_pod_sources(&mut self) {
+        let ports = self
+            .local_pods
+            .values()
+            .map(|p| usize::from(p.port.0) + 1)
+            .max()
+            .unwrap_or(0);
+        let mut v = vec![PodSources::default(); ports];
+        for (ip, pod) in self.local_pods.iter() {
+            let s = &mut v[usize::from(pod.port.0)];
+            if let Some(slot) = s.addrs.get_mut(s.count as usize) {
+                *slot = *ip;
+            }
+            s.count = s.count.saturating_add(1);
+        }
+        self.pod_sources = v.into();
     }
 
     pub fn set_pod_route(&mut self, cidr: Cidr, node: RemoteNode) {
@@ -281,10 +363,10 @@ impl Tables {
         lens.sort_unstable_by(|a, b| b.cmp(a));
         lens.dedup();
         self.route_lens = lens.into();
-        let mut peers: Vec<Ipv4Addr> = self.pod_routes.values().map(|r| r.node_ip).collect();
-        peers.sort_unstable();
-        peers.dedup();
-        self.overlay_peers = peers.into();
+        let peers = self.pod_routes.iter().map(|(c, r)| (r.node_ip, *c));
+        let mut map = std::collections::HashMap::with_hasher(ahash::RandomState::with_seeds(5, 6, 7, 8));
+        map.extend(peers);
+        self.overlay_peers = Arc::new(map);
     }
 
     pub fn set_neighbor(&mut self, ip: Ipv4Addr, mac: Mac) {
@@ -435,6 +517,27 @@ mod tests {
         t.remove_service(SvcId(1));
         assert!(t.service_for(Ipv4Addr::new(10, 96, 0, 9), 80, Proto::Tcp).is_none());
         assert_eq!(t.service_count(), 0);
+    }
+
+    #[test]
+    fn pods_may_send_only_from_the_addresses_routed_to_their_port() {
+        let mut t = Tables::new(node());
+        let pod = |port| LocalPod {
+            port: PortId(port),
+            mac: Mac([0xa; 6]),
+        };
+        let ip = |last| Ipv4Addr::new(10, 244, 0, last);
+        t.set_local_pod(ip(2), pod(1));
+        for last in 10..14 {
+            t.set_local_pod(ip(last), pod(2)); // more than fit inline
+        }
+        assert!(t.pod_may_send_from(PortId(1), ip(2)));
+        assert!(!t.pod_may_send_from(PortId(1), ip(10)));
+        assert!((10..14).all(|l| t.pod_may_send_from(PortId(2), ip(l))));
+        assert!(!t.pod_may_send_from(PortId(2), ip(2)));
+        assert!(!t.pod_may_send_from(PortId(7), ip(2)), "a port without pods");
+        t.remove_local_pod(ip(2));
+        assert!(!t.pod_may_send_from(PortId(1), ip(2)));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::{cpu, kube_proxy};
 use lab::kxp::{metric_sum, sibling_binary, write_manifests, Kxp, Svc};
 use lab::{node_ip, pod_ip, Host, Lab};
 
@@ -74,29 +75,6 @@ struct Run {
     cpu_s_per_gb: f64,
 }
 
-/// Busy and total jiffies over all CPUs (/proc/stat's first line).
-fn cpu_jiffies() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: u64 = f.iter().take(8).sum();
-    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
-fn clock_ticks() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64
-}
-
 /// One iperf3 client run from `from` to `to:port`; TCP unless `udp_rate`.
 fn iperf(from: &Host, to: Ipv4Addr, port: u16, secs: u32, udp_rate: Option<&str>) -> Result<Run, String> {
     let mut args = vec![
@@ -115,9 +93,9 @@ fn iperf(from: &Host, to: Ipv4Addr, port: u16, secs: u32, udp_rate: Option<&str>
         args.extend(["-u", "-b", rate, "-l", "1400"].map(String::from));
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (busy0, _) = cpu_jiffies();
+    let busy0 = cpu::busy_seconds();
     let out = from.exec(&argv).map_err(|e| e.to_string())?;
-    let (busy1, _) = cpu_jiffies();
+    let busy1 = cpu::busy_seconds();
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("iperf3 output: {e}"))?;
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
         return Err(format!("iperf3: {err}"));
@@ -138,7 +116,7 @@ fn iperf(from: &Host, to: Ipv4Addr, port: u16, secs: u32, udp_rate: Option<&str>
             end["sum_received"]["bytes"].as_f64().unwrap_or(0.0),
         )
     };
-    let cpu_s = (busy1 - busy0) as f64 / clock_ticks();
+    let cpu_s = busy1 - busy0;
     Ok(Run {
         gbps,
         lost_pct,
@@ -171,73 +149,6 @@ pub fn run(args: &Args) {
         eprintln!("lab demo failed: {e}");
         std::process::exit(1);
     }
-}
-
-/// kube-proxy's shape of the same services in `node`'s namespace: DNAT in
-/// PREROUTING for ClusterIPs and the NodePort, MASQUERADE for DNATed
-/// traffic from outside the pod network (eTP=Cluster).
-fn iptables_rules(node: &Host, services: &[Svc]) -> Result<(), String> {
-    let ipt = |rule: Vec<String>| -> Result<(), String> {
-        let mut argv = vec![
-            "iptables".to_string(),
-            "-w".into(),
-            "-t".into(),
-            "nat".into(),
-            "-A".into(),
-        ];
-        argv.extend(rule);
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        node.exec(&argv)
-            .map(|_| ())
-            .map_err(|e| format!("{e} (deploy/setup.sh installs iptables)"))
-    };
-    for s in services {
-        let (ep, _) = s.endpoints[0];
-        let to = format!("{ep}:{}", s.target_port);
-        for proto in &s.protocols {
-            let proto = proto.to_lowercase();
-            let mut dests = vec![(s.cluster_ip.to_string(), s.port)];
-            if let Some(np) = s.node_port {
-                dests.push((node.ip.to_string(), np));
-            }
-            for (dst, port) in dests {
-                ipt([
-                    "PREROUTING",
-                    "-d",
-                    &dst,
-                    "-p",
-                    &proto,
-                    "--dport",
-                    &port.to_string(),
-                    "-j",
-                    "DNAT",
-                ]
-                .into_iter()
-                .map(String::from)
-                .chain(["--to-destination".to_string(), to.clone()])
-                .collect())?;
-            }
-        }
-    }
-    ipt([
-        "POSTROUTING",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "DNAT",
-        "!",
-        "-s",
-        POD_CIDR,
-        "-j",
-        "MASQUERADE",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect())
-}
-
-fn flush_iptables(node: &Host) {
-    let _ = node.exec(&["iptables", "-w", "-t", "nat", "-F"]);
 }
 
 fn demo(args: &Args) -> Result<(), String> {
@@ -336,11 +247,11 @@ fn demo(args: &Args) -> Result<(), String> {
     let direct = run_all(false);
     println!("2/3 kube-proxy: iptables DNAT/MASQUERADE rules on both nodes ...");
     for n in &lab.nodes {
-        iptables_rules(&n.host, &services)?;
+        kube_proxy::iptables_rules(&n.host, &services, POD_CIDR)?;
     }
     let kube_proxy = run_all(true);
     for n in &lab.nodes {
-        flush_iptables(&n.host);
+        kube_proxy::flush_iptables(&n.host);
     }
     println!("3/3 kxp: `kxp run` on both nodes ...");
     let kxps: Vec<Kxp> = lab

@@ -1,7 +1,10 @@
 //! kxp benchmarks. Numbers, not pass/fail: see docs/BENCHMARKS.md.
 
 mod control;
+mod cpu;
 mod engine;
+mod flood;
+mod kube_proxy;
 mod lab_demo;
 mod memory;
 
@@ -31,6 +34,10 @@ enum What {
     /// The lab demo (root): a two-node namespace cluster, iperf3 TCP and UDP
     /// through a ClusterIP and a NodePort via kxp, against the kernel path.
     Lab(lab_demo::Args),
+    /// Spoofed-source floods (root): 200 established connections through a
+    /// NodePort and a ClusterIP, then a million packets of each kind, kxp
+    /// against kube-proxy's iptables shape.
+    Flood(flood::Args),
 }
 
 fn main() {
@@ -39,5 +46,6 @@ fn main() {
         What::Engine(args) => engine::run(&args),
         What::Control(args) => control::run(&args),
         What::Lab(args) => lab_demo::run(&args),
+        What::Flood(args) => flood::run(&args),
     }
 }

@@ -1079,3 +1079,26 @@ fn load_balancer_source_ranges_admit_only_their_sources() {
         PORT_A
     );
 }
+
+#[test]
+fn each_kind_of_answer_has_its_own_budget() {
+    let mut big = ServiceSpec::cluster_ip(SvcId(9), "ns/big:udp", CLUSTER_IP, 80, Proto::Udp);
+    big.endpoints = vec![ep(REMOTE_POD, 8080, false)];
+    let mut empty = ServiceSpec::cluster_ip(SvcId(8), "ns/empty:udp", Ipv4Addr::new(10, 96, 0, 99), 53, Proto::Udp);
+    empty.endpoints.clear();
+    let mut lab = Lab::new(&[big, empty]);
+    // Somebody floods a service without endpoints until rejects run out ...
+    let probe = udp((POD_B, 5353), (Ipv4Addr::new(10, 96, 0, 99), 53));
+    for _ in 0..500 {
+        from_pod_b(&mut lab, probe.clone());
+    }
+    assert!(lab.worker.stats.drop_count(DropReason::RejectRateLimited) >= 450);
+    // ... and path-MTU discovery still gets its answer.
+    let too_big = from_pod_b(&mut lab, craft::Spec::udp((POD_B, 5000), (CLUSTER_IP, 80), &[0; 1440]));
+    assert_eq!(
+        too_big.verdict,
+        Verdict::Tx(PORT_B),
+        "frag-needed was silenced by the reject flood"
+    );
+    assert_eq!(lab.worker.stats.frag_needed, 1);
+}

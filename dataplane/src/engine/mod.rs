@@ -35,7 +35,7 @@ use crate::wire::ethernet::{self, ETHERTYPE_IPV4, L2};
 use crate::wire::ipv4::{self, Ipv4, PROTO_ICMP, PROTO_UDP};
 use crate::wire::{icmp, l4};
 
-pub use reply::TokenBucket;
+pub use reply::{AnswerLimits, TokenBucket};
 pub use stats::{DropReason, Stats};
 
 /// What to do with a frame after [`Worker::process`].
@@ -60,11 +60,11 @@ enum Origin {
 }
 
 /// One worker's engine state. Flow state is shared with the other workers;
-/// counters and the rejection rate limiter are the worker's own.
+/// counters and the answers' rate limits are the worker's own.
 pub struct Worker {
     flows: Arc<FlowState>,
     pub stats: Stats,
-    limiter: TokenBucket,
+    limits: AnswerLimits,
     ip_id: u16,
     routes: route_cache::RouteCache,
     sweep_scratch: Vec<(crate::flow::FlowKey, usize)>,
@@ -87,7 +87,7 @@ impl Worker {
         Worker {
             flows,
             stats: Stats::default(),
-            limiter: TokenBucket::default(),
+            limits: AnswerLimits::default(),
             ip_id: 0,
             routes: route_cache::RouteCache::default(),
             sweep_scratch: Vec::with_capacity(4096),

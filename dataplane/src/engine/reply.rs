@@ -1,6 +1,9 @@
 //! Packets kxp answers itself: ICMP port unreachable for a service without
-//! endpoints (kube-proxy's REJECT), and TCP RST for a flow whose backend left.
-//! Both are rate limited per worker, like the kernel's `icmp_ratelimit`.
+//! endpoints (kube-proxy's REJECT), TCP RST for a flow whose backend left,
+//! ICMP "fragmentation needed" for packets too big for the overlay. Each
+//! kind has its own rate limit per worker, like the kernel's
+//! `icmp_ratelimit`: a flood at a service without endpoints must not
+//! silence the path-MTU answers everyone else needs.
 
 use super::egress::answer_l2;
 use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
@@ -39,11 +42,19 @@ impl TokenBucket {
     }
 }
 
+/// One budget per kind of answer.
+#[derive(Clone, Debug, Default)]
+pub struct AnswerLimits {
+    pub rejects: TokenBucket,
+    pub resets: TokenBucket,
+    pub frag_needed: TokenBucket,
+}
+
 impl Worker {
     /// Answers with ICMP destination unreachable / port unreachable, quoting
     /// the offending datagram, from the address the client tried.
     pub(super) fn reject(&mut self, now: Time, t: &Tables, frame: &mut Frame, pkt: Pkt) -> Result<Verdict, DropReason> {
-        if !self.limiter.take(now, t.node().reject_rate) {
+        if !self.limits.rejects.take(now, t.node().reject_rate) {
             return Err(DropReason::RejectRateLimited);
         }
         let ip = self.icmp_error_about(frame, &pkt, pkt.ip.dst, CODE_PORT_UNREACHABLE, 0)?;
@@ -65,7 +76,7 @@ impl Worker {
         mtu: u16,
     ) -> Result<Verdict, DropReason> {
         let now = self.now;
-        if !pkt.ip.dont_fragment() || !self.limiter.take(now, t.node().reject_rate) {
+        if !pkt.ip.dont_fragment() || !self.limits.frag_needed.take(now, t.node().reject_rate) {
             return Err(DropReason::TooBig);
         }
         let from = t.node().vtep_ip().ok_or(DropReason::NoRoute)?;
@@ -127,7 +138,7 @@ impl Worker {
         pkt: Pkt,
         l4: L4,
     ) -> Result<Verdict, DropReason> {
-        if !self.limiter.take(now, t.node().reject_rate) {
+        if !self.limits.resets.take(now, t.node().reject_rate) {
             return Err(DropReason::RejectRateLimited);
         }
         let b = frame.data();

@@ -19,7 +19,7 @@
 //! answered; UDP: a reply). Until then it costs an attacker one spoofed
 //! packet, so it lives at most `Timeouts::unassured` and is the first to go.
 //! When a shard is full, insertion evicts a victim among 16 sampled slots
-//! (up to 64): expired first, then unassured flows, then assured flows that
+//! (up to 512 when those hold nothing expendable): expired first, then unassured flows, then assured flows that
 //! have finished (TIME_WAIT, CLOSE), each time the one nearest expiry. A
 //! live assured flow is never evicted: when none of those is found the new
 //! flow is refused (`InsertError::Full`), as netfilter's early drop does,
@@ -191,6 +191,11 @@ pub struct Conntrack {
 /// the shards, 3276 flows keep each 8192-bucket index near 80% load.
 const FLOWS_PER_SHARD: usize = 3276;
 const EVICTION_SAMPLE: usize = 16;
+/// The most slots one insertion looks at before refusing: assured flows
+/// sit together (slots are handed out in order, so the connections opened
+/// before a flood fill a run of them), and a sample of 16 or 64 inside such
+/// a run would refuse a new flow while expendable ones lie just beyond.
+const EVICTION_SCAN: usize = 512;
 
 impl Conntrack {
     pub fn new(config: CtConfig) -> Self {
@@ -484,8 +489,8 @@ impl Shard {
         let mut best: Option<(u8, u32, usize)> = None;
         let mut looked = 0;
         // Look at EVICTION_SAMPLE slots; if none of them is expendable, keep
-        // looking (up to 4x) before refusing the new flow.
-        for k in 0..(4 * EVICTION_SAMPLE).min(n) {
+        // looking (up to EVICTION_SCAN) before refusing the new flow.
+        for k in 0..EVICTION_SCAN.min(n) {
             if k >= EVICTION_SAMPLE && best.is_some() {
                 break;
             }
@@ -698,6 +703,27 @@ mod tests {
             );
         }
         assert!(real.iter().all(|f| c.with_flow(Time::ZERO, f, |_, _| ()).is_some()));
+        // Assured flows in a run longer than one sample do not hide the
+        // expendable ones behind them.
+        let c2 = ct(1024);
+        let per2 = c2.per_shard as u16;
+        for i in 0..per2 {
+            let f = key(3, 2000 + i, 1, 80);
+            add(&c2, Time::ZERO, f, key(9, 80, 3, 2000 + i), CtState::Established).unwrap();
+            if i < 300 {
+                assure(&c2, Time::ZERO, &f);
+            }
+        }
+        for i in 0..50 {
+            add(
+                &c2,
+                Time::ZERO,
+                key(4, 5000 + i, 1, 80),
+                key(9, 80, 4, 5000 + i),
+                CtState::SynSent,
+            )
+            .unwrap();
+        }
         // A finished assured flow makes room.
         c.with_flow(Time::ZERO, &real[0], |_, e| e.state = CtState::TimeWait)
             .unwrap();

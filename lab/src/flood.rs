@@ -125,6 +125,24 @@ fn send(kind: Kind, dst: SocketAddrV4, count: u64, seed: u64) -> std::io::Result
     Ok(sent)
 }
 
+/// Sends each IPv4 packet in `packets` (headers included, forged or not)
+/// from namespace `ns` through a raw socket, toward its own destination.
+pub fn send_raw(ns: &str, packets: Vec<Vec<u8>>) -> Result<(), LabError> {
+    let enter = |reason: String| LabError::Enter {
+        ns: ns.to_string(),
+        reason,
+    };
+    crate::in_namespace(ns, move || -> std::io::Result<()> {
+        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))?;
+        for p in packets {
+            let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+            sock.send_to(&p, &SockAddr::from(SocketAddr::V4(SocketAddrV4::new(dst, 0))))?;
+        }
+        Ok(())
+    })?
+    .map_err(|e| enter(format!("raw socket: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1102,3 +1102,32 @@ fn each_kind_of_answer_has_its_own_budget() {
     );
     assert_eq!(lab.worker.stats.frag_needed, 1);
 }
+
+/// Issue #9: a pod reaches a backend through the ClusterIP from port P,
+/// closes, then connects to the backend directly from the same P. The
+/// backend's SYN-ACK must reach it as the backend's, not rewritten to the
+/// ClusterIP by the finished service flow.
+#[test]
+fn a_direct_connection_reusing_a_finished_service_flows_tuple_is_not_translated() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Tcp)]);
+    let p = 40404;
+    from_pod_b(&mut lab, tcp((POD_B, p), (CLUSTER_IP, 80), TCP_SYN));
+    from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, p), TCP_SYN | TCP_ACK));
+    from_pod_b(&mut lab, tcp((POD_B, p), (CLUSTER_IP, 80), TCP_ACK));
+    from_pod_b(&mut lab, tcp((POD_B, p), (CLUSTER_IP, 80), TCP_FIN | TCP_ACK));
+    from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, p), TCP_FIN | TCP_ACK));
+    lab.advance(Duration::from_secs(5));
+    // The direct SYN goes to the kernel's routing (not kxp's); its answer:
+    let synack = from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, p), TCP_SYN | TCP_ACK));
+    assert_eq!(synack.tx_port(), PORT_B);
+    assert_eq!(
+        (synack.seen().src, synack.seen().ports.0),
+        (POD_A, 8080),
+        "rewritten to the ClusterIP"
+    );
+    // While the service flow was live, the same answer was translated.
+    let q = 40405;
+    from_pod_b(&mut lab, tcp((POD_B, q), (CLUSTER_IP, 80), TCP_SYN));
+    let live = from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, q), TCP_SYN | TCP_ACK));
+    assert_eq!(live.seen().src, CLUSTER_IP);
+}

@@ -23,7 +23,7 @@ enum Tracked {
     Stale {
         fwd: FlowKey,
     },
-    /// A new SYN on a finished flow: forget it and start over.
+    /// A new connection on a finished flow's tuple: forget it and start over.
     Restart {
         fwd: FlowKey,
     },
@@ -120,8 +120,12 @@ impl Worker {
         let l4 = seg.l4;
         ct.with_flow(now, key, |dir, e| {
             let forward = dir == Dir::Forward;
-            let restart =
-                forward && l4.proto == Proto::Tcp && l4.has(TCP_SYN) && !l4.has(TCP_ACK) && e.state.is_finished();
+            // A SYN on a finished flow starts a new connection: from the
+            // client (a new one to the service), or as a SYN-ACK from the
+            // backend (the client reused its port for a direct connection
+            // to the backend; netfilter replaces the old entry the same way).
+            let syn = l4.proto == Proto::Tcp && l4.has(TCP_SYN) && l4.has(TCP_ACK) != forward;
+            let restart = syn && e.state.is_finished();
             let stale = !restart && forward && e.checked_gen != generation && !backend_still_valid(t, e);
             let mut fins = e.flags & (FIN_FORWARD | FIN_REPLY);
             let state = match l4.proto {

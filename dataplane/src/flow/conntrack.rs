@@ -142,6 +142,14 @@ fn secs(t: Time) -> u32 {
     (t.0.div_ceil(1_000_000_000)).min(u64::from(u32::MAX)) as u32
 }
 
+/// What a lookup found.
+enum Found<R> {
+    Ran(R),
+    Absent,
+    /// Claimed by a flow another worker is inserting.
+    Pending,
+}
+
 /// Which key a packet matched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {
@@ -246,47 +254,60 @@ impl Conntrack {
     /// matches, under that entry's shard lock. Expired entries count as
     /// absent (and are removed).
     pub fn with_flow<R>(&self, now: Time, key: &FlowKey, f: impl FnOnce(Dir, &mut Entry) -> R) -> Option<R> {
+        match self.lookup(now, key, f) {
+            Found::Ran(r) => Some(r),
+            Found::Absent | Found::Pending => None,
+        }
+    }
+
+    /// `with_flow`, telling an absent key from one held by a flow another
+    /// worker is still inserting (its reply tuple is taken, but the flow is
+    /// not visible yet). Nothing here trusts an index enough to panic on it.
+    fn lookup<R>(&self, now: Time, key: &FlowKey, f: impl FnOnce(Dir, &mut Entry) -> R) -> Found<R> {
         let now_s = secs(now);
         let h = self.hash(key);
         let si = self.shard_index(h);
         let target = {
             let mut s = self.shards[si].lock();
-            let v = s.index.find(h, |(k, _)| k == key).map(|&(_, v)| v)?;
+            let Some(v) = s.index.find(h, |(k, _)| k == key).map(|&(_, v)| v) else {
+                return Found::Absent;
+            };
             if v & LINK == 0 {
                 let slot = v as usize;
-                let e = s.slab[slot].as_mut().expect("index points at a live slot");
+                let Some(e) = s.slab.get_mut(slot).and_then(Option::as_mut) else {
+                    return Found::Absent;
+                };
                 if e.expired(now_s) {
                     let dead = s.remove_slot(slot, h);
                     drop(s);
                     self.unlink(&dead.rep, si, slot);
-                    return None;
+                    return Found::Absent;
                 }
-                return Some(f(Dir::Forward, e));
+                return Found::Ran(f(Dir::Forward, e));
             }
             (v & !LINK) as usize
         };
         let (ti, slot) = (target / self.per_shard, target % self.per_shard);
-        let mut s = self.shards[ti].lock();
-        let live = match s.slab.get_mut(slot) {
-            Some(Some(e)) if e.rep == *key && !e.pending() => Some(e.expired(now_s)),
-            _ => None,
+        let Some(shard) = self.shards.get(ti) else {
+            return Found::Absent;
         };
-        match live {
-            Some(false) => {
-                let e = s.slab[slot].as_mut().expect("checked above");
-                Some(f(Dir::Reply, e))
-            }
-            Some(true) => {
-                let fwd = s.slab[slot].expect("checked above").fwd;
+        let mut s = shard.lock();
+        match s.slab.get_mut(slot) {
+            // Being inserted: its link is a claim, not a leftover.
+            Some(Some(e)) if e.pending() => Found::Pending,
+            Some(Some(e)) if e.rep == *key && !e.expired(now_s) => Found::Ran(f(Dir::Reply, e)),
+            Some(Some(e)) if e.rep == *key => {
+                let fwd = e.fwd;
                 let dead = s.remove_slot(slot, self.hash(&fwd));
                 drop(s);
                 self.unlink(&dead.rep, ti, slot);
-                None
+                Found::Absent
             }
-            None => {
+            // A leftover of a flow that is gone.
+            _ => {
                 drop(s);
                 self.unlink(key, ti, slot);
-                None
+                Found::Absent
             }
         }
     }
@@ -308,8 +329,21 @@ impl Conntrack {
     pub fn insert(
         &self,
         now: Time,
+        entry: Entry,
+        candidates: impl FnMut(u32) -> Option<FlowKey>,
+    ) -> Result<Inserted, InsertError> {
+        self.insert_between(now, entry, candidates, || {})
+    }
+
+    /// `insert`, running `between` after the reply tuple is claimed and
+    /// before the flow is published: where another worker's lookups and
+    /// insertions may interleave. Tests use it to force that interleaving.
+    fn insert_between(
+        &self,
+        now: Time,
         mut entry: Entry,
         mut candidates: impl FnMut(u32) -> Option<FlowKey>,
+        between: impl FnOnce(),
     ) -> Result<Inserted, InsertError> {
         let now_s = secs(now);
         let fh = self.hash(&entry.fwd);
@@ -354,6 +388,7 @@ impl Conntrack {
                 break;
             }
         }
+        between();
         // 3. Publish the entry under its forward key.
         let mut s = self.shards[fi].lock();
         let Some(rep) = claimed else {
@@ -378,9 +413,11 @@ impl Conntrack {
         })
     }
 
-    /// Inserts link `rep -> link` unless `rep` is in use by a live flow.
+    /// Inserts link `rep -> link` unless `rep` is in use by a live flow or
+    /// by one being inserted. A flow that has finished (TIME_WAIT, CLOSE)
+    /// gives its tuple up to the new one, as netfilter replaces it.
     fn claim(&self, now: Time, rep: FlowKey, link: u32) -> bool {
-        for attempt in 0..2 {
+        for attempt in 0..3 {
             let h = self.hash(&rep);
             {
                 let mut s = self.shards[self.shard_index(h)].lock();
@@ -394,9 +431,17 @@ impl Conntrack {
                     Some(_) => {}
                 }
             }
-            // A link: `with_flow` removes it if its flow is dead; then retry once.
-            if attempt == 1 || self.with_flow(now, &rep, |_, _| ()).is_some() {
+            if attempt == 2 {
                 return false;
+            }
+            // A link: a dead flow's leftover (the lookup removes it), a
+            // finished flow (replaced), or in use.
+            match self.lookup(now, &rep, |_, e| e.state.is_finished().then_some(e.fwd)) {
+                Found::Absent => {}
+                Found::Ran(Some(fwd)) => {
+                    self.remove(&fwd);
+                }
+                Found::Ran(None) | Found::Pending => return false,
             }
         }
         false
@@ -759,6 +804,59 @@ mod tests {
         assert_eq!(e.trust_after(false, CtState::Established) & ASSURED, 0);
         assert_ne!(e.trust_after(true, CtState::Established) & ASSURED, 0);
         assert_eq!(e.trust_after(true, CtState::SynRecv) & ASSURED, 0);
+    }
+
+    #[test]
+    fn a_reply_tuple_being_claimed_is_never_handed_out_twice() {
+        let c = ct(1000);
+        let now = Time::ZERO;
+        let r = key(9, 8080, 1, 1000);
+        let r2 = key(9, 8080, 1, 1001);
+        let (fa, fb) = (key(1, 1000, 1, 80), key(2, 1000, 1, 80));
+        let a = c
+            .insert_between(
+                now,
+                Entry::new(fa, fa, SvcId(1), 0, CtState::SynSent),
+                |i| (i == 0).then_some(r),
+                || {
+                    // Worker B, while A's flow is claimed but not yet published:
+                    // a reply for the tuple finds nothing to translate ...
+                    assert!(c.with_flow(now, &r, |_, _| ()).is_none());
+                    // ... and B's own flow wanting the same tuple gets another.
+                    let b = c.insert(now, Entry::new(fb, fb, SvcId(2), 0, CtState::SynSent), |i| match i {
+                        0 => Some(r),
+                        1 => Some(r2),
+                        _ => None,
+                    });
+                    assert_eq!(b.map(|b| b.rep), Ok(r2));
+                },
+            )
+            .unwrap();
+        assert_eq!(a.rep, r);
+        assert_eq!(c.with_flow(now, &r, |_, e| e.fwd), Some(fa));
+        assert_eq!(c.with_flow(now, &r2, |_, e| e.fwd), Some(fb));
+    }
+
+    #[test]
+    fn a_finished_flow_gives_its_reply_tuple_to_a_new_one() {
+        let c = ct(1000);
+        let r = key(9, 8080, 1, 1000);
+        let old = key(1, 1000, 1, 80);
+        add(&c, Time::ZERO, old, r, CtState::Established).unwrap();
+        // Live: the tuple stays its own.
+        assert_eq!(
+            add(&c, Time::ZERO, key(2, 1000, 1, 80), r, CtState::SynSent),
+            Err(InsertError::NoReplyTuple)
+        );
+        c.with_flow(Time::ZERO, &old, |_, e| e.state = CtState::TimeWait)
+            .unwrap();
+        let new = key(3, 1000, 1, 80);
+        assert_eq!(add(&c, Time::ZERO, new, r, CtState::SynSent).map(|i| i.rep), Ok(r));
+        assert_eq!(c.with_flow(Time::ZERO, &r, |_, e| e.fwd), Some(new));
+        assert!(
+            c.with_flow(Time::ZERO, &old, |_, _| ()).is_none(),
+            "the finished flow is gone"
+        );
     }
 
     #[test]

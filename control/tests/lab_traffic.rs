@@ -747,3 +747,27 @@ fn a_pod_cannot_forge_its_source_address() {
     assert_eq!(greet(c.pod(1, 1), sa(vip(41), PORT)), "a");
     c.assert_no_checksum_errors();
 }
+
+/// Issue #9: a pod reaches a backend through its ClusterIP from port P,
+/// the connection closes, and the pod connects to the same backend directly
+/// from the same P right away. The backend's answer must not be rewritten
+/// by the finished service flow (it was: the client reset it). With
+/// iptables it works, and so it must with kxp.
+#[test]
+fn a_direct_connection_right_after_a_clusterip_one_from_the_same_port_works() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    use lab::probe::connect_from;
+    let c = Cluster::new(1, 2, &[1], &[Svc::tcp("web", vip(42), PORT, &[(pod_ip(1, 0), 1)])]);
+    let _l = Listener::start(&c.pod(1, 0).ns, PORT, "web").unwrap();
+    let client = &c.pod(1, 1).ns;
+    for p in [41000u16, 41001, 41002] {
+        let via_service = connect_from(client, p, sa(vip(42), PORT), Duration::from_secs(3));
+        assert_eq!(via_service.unwrap(), "web");
+        let direct = connect_from(client, p, sa(pod_ip(1, 0), PORT), Duration::from_secs(3));
+        assert_eq!(direct.unwrap_or_else(|e| panic!("direct from port {p}: {e}")), "web");
+    }
+    assert_eq!(c.dropped("kernel_return"), 0.0);
+    c.assert_no_checksum_errors();
+}

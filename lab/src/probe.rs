@@ -188,3 +188,21 @@ pub fn echoes(s: &mut TcpStream) -> bool {
     let mut back = [0u8; 5];
     s.write_all(msg).is_ok() && s.read_exact(&mut back).is_ok() && &back == msg
 }
+
+/// `connect`, from local port `from_port` (reused at once: SO_REUSEADDR),
+/// as a client that picks its own source port does.
+pub fn connect_from(ns: &str, from_port: u16, to: SocketAddr, timeout: Duration) -> Result<String, std::io::Error> {
+    use socket2::{Domain, Socket, Type};
+    crate::in_namespace(ns, move || {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], from_port)).into())?;
+        s.connect_timeout(&to.into(), timeout)?;
+        let mut s: TcpStream = s.into();
+        s.set_read_timeout(Some(timeout))?;
+        let mut greeting = String::new();
+        s.read_to_string(&mut greeting)?;
+        Ok(greeting.trim().to_string())
+    })
+    .map_err(|e| std::io::Error::other(e.to_string()))?
+}

@@ -179,11 +179,8 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
                 (dp.reports(), dp.steering_stats())
             }));
             let publish_dp = dp.clone();
-            let hook: PublishHook = Box::new(move |t: &Tables| {
-                if let Err(e) = lock(&publish_dp).on_publish(t) {
-                    tracing::error!(error = %e, "cannot update the XDP maps");
-                }
-            });
+            let hook: PublishHook =
+                Box::new(move |t: &Tables| lock(&publish_dp).on_publish(t).map_err(|e| e.to_string()));
             let observer = host_observer(dp.clone(), cfg);
             datapath = Some(dp);
             (Some(hook), Some(observer))

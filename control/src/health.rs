@@ -51,7 +51,8 @@ struct HealthState {
 }
 
 /// `/healthz` and `/livez`: 200 while syncs keep succeeding, 503 before the
-/// first one and when the last success is older than `stale_after`.
+/// first one, when the last success is older than `stale_after`, and while
+/// the dataplane has not taken the published tables.
 pub fn serve_healthz(
     listener: tokio::net::TcpListener,
     status: Arc<SyncStatus>,
@@ -70,14 +71,24 @@ async fn healthz(State(h): State<HealthState>) -> impl IntoResponse {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    let (code, last_updated) = match last {
+    let (mut code, last_updated) = match last {
         Some(t) if t.elapsed() <= h.stale_after => (StatusCode::OK, now - t.elapsed().as_secs_f64()),
         Some(t) => (StatusCode::SERVICE_UNAVAILABLE, now - t.elapsed().as_secs_f64()),
         None => (StatusCode::SERVICE_UNAVAILABLE, 0.0),
     };
+    // Tables published but not in the steering maps: traffic may be lost.
+    let in_sync = !h.status.dataplane_behind.load(std::sync::atomic::Ordering::Relaxed);
+    if !in_sync {
+        code = StatusCode::SERVICE_UNAVAILABLE;
+    }
     (
         code,
-        axum::Json(json!({"lastUpdated": last_updated, "currentTime": now, "nodeEligible": true})),
+        axum::Json(json!({
+            "lastUpdated": last_updated,
+            "currentTime": now,
+            "nodeEligible": true,
+            "dataplaneInSync": in_sync,
+        })),
     )
 }
 

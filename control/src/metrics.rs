@@ -25,6 +25,8 @@ pub struct Metrics {
     pub no_local_endpoints: Family<Vec<(String, String)>, Gauge>,
     /// kxp: syncs that kept the old tables because the source was unusable.
     pub sync_failures: Counter,
+    /// kxp: publishes the dataplane did not take (a steering map write failed).
+    pub dataplane_sync_failures: Counter,
     /// kxp: objects (or parts) skipped as unusable in the last sync.
     pub skipped_objects: Gauge,
     /// kxp: service ports live in the tables.
@@ -65,6 +67,7 @@ impl Metrics {
             service_changes: Counter::default(),
             no_local_endpoints: Family::default(),
             sync_failures: Counter::default(),
+            dataplane_sync_failures: Counter::default(),
             skipped_objects: Gauge::default(),
             service_ports: Gauge::default(),
             api_watch_errors: Gauge::default(),
@@ -106,6 +109,11 @@ impl Metrics {
             "kxp_sync_failures",
             "Syncs that kept the live tables because the source was unusable",
             m.sync_failures.clone(),
+        );
+        registry.register(
+            "kxp_dataplane_sync_failures",
+            "Publishes whose steering map writes failed (retried every second; /healthz fails meanwhile)",
+            m.dataplane_sync_failures.clone(),
         );
         registry.register(
             "kxp_skipped_objects",

@@ -47,10 +47,16 @@ pub struct SyncStatus {
     pub service_changes: AtomicU64,
     /// When the last sync that succeeded finished (for `/healthz`).
     pub last_success: Mutex<Option<Instant>>,
+    /// The last publish did not reach the dataplane (a steering map write
+    /// failed): the maps and the tables disagree until a retry succeeds,
+    /// and `/healthz` says so.
+    pub dataplane_behind: std::sync::atomic::AtomicBool,
 }
 
-/// Runs after each publish with the new tables.
-pub type PublishHook = Box<dyn FnMut(&dataplane::Tables) + Send>;
+/// Runs after each publish with the new tables (the datapath brings its
+/// steering maps up to them); an error means they still disagree, and the
+/// hook is called again every second until it succeeds.
+pub type PublishHook = Box<dyn FnMut(&dataplane::Tables) -> Result<(), String> + Send>;
 
 /// Reads the kernel's facts for the tables (given the live tables, so it
 /// can ask the kernel to resolve the next hops they need); `None` when they
@@ -97,8 +103,11 @@ impl SyncLoop {
             tokio::select! {
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(next_full) => {}
-                _ = host_tick.tick(), if self.host.is_some() => {
+                _ = host_tick.tick(), if self.host.is_some() || self.dataplane_behind() => {
                     self.refresh_host();
+                    if self.dataplane_behind() {
+                        self.publish_to_dataplane();
+                    }
                     continue;
                 }
             }
@@ -130,8 +139,8 @@ impl SyncLoop {
             };
             match result {
                 Ok((report, kind)) => {
-                    if let (Some(hook), Some(_)) = (self.on_publish.as_mut(), report.published) {
-                        hook(&self.syncer.publisher().reader().load());
+                    if report.published.is_some() {
+                        self.publish_to_dataplane();
                     }
                     if report.published.is_some() {
                         // New remote nodes need their next hops resolved now.
@@ -184,10 +193,29 @@ impl SyncLoop {
             return;
         };
         if self.syncer.apply_host(facts).is_some() {
-            if let Some(hook) = self.on_publish.as_mut() {
-                hook(&self.syncer.publisher().reader().load());
-            }
+            self.publish_to_dataplane();
         }
+    }
+
+    fn dataplane_behind(&self) -> bool {
+        self.status.dataplane_behind.load(Ordering::Relaxed)
+    }
+
+    /// Runs the publish hook on the live tables; records whether the
+    /// dataplane caught up.
+    fn publish_to_dataplane(&mut self) {
+        let Some(hook) = self.on_publish.as_mut() else {
+            return;
+        };
+        let behind = match hook(&self.syncer.publisher().reader().load()) {
+            Ok(()) => false,
+            Err(e) => {
+                self.metrics.dataplane_sync_failures.inc();
+                tracing::error!(error = %e, "the dataplane did not take the published tables; retrying every second");
+                true
+            }
+        };
+        self.status.dataplane_behind.store(behind, Ordering::Relaxed);
     }
 
     /// Compiles the whole view (cached per service) and diffs everything.

@@ -186,3 +186,78 @@ fn kxp_run_explains_bad_configuration_and_busy_ports() {
         "{err}"
     );
 }
+
+/// Issue #9: when the dataplane does not take a publish (a steering map
+/// write failed), `/healthz` fails, the failure is counted, and the publish
+/// is retried until it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_dataplane_refused_fails_healthz_until_a_retry_succeeds() {
+    use control::compile::NodeContext;
+    use control::runner::{PublishHook, SyncLoop, SyncPolicy, SyncStatus};
+    use control::source::ManifestSource;
+    use control::sync::Syncer;
+    use dataplane::addr::Mac;
+    use dataplane::tables::{NodeConfig, Tables};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("web.yaml"), manifest(31234, "n1")).unwrap();
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let source = ManifestSource::spawn(dir.path().to_path_buf(), changed.clone(), Duration::from_millis(100));
+    let node = NodeConfig::single_uplink(
+        "n1",
+        Ipv4Addr::new(192, 168, 0, 1),
+        "192.168.0.0/24".parse().unwrap(),
+        Mac([2; 6]),
+    );
+    let status = Arc::new(SyncStatus::default());
+    let metrics = Arc::new(control::metrics::Metrics::new());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    // The first two attempts fail, as a full steering map would.
+    let hook: PublishHook = Box::new(move |_t: &dataplane::Tables| {
+        if c.fetch_add(1, Ordering::SeqCst) < 2 {
+            Err("cannot update XDP map frontends: map full".into())
+        } else {
+            Ok(())
+        }
+    });
+    let sync = SyncLoop {
+        source,
+        syncer: Syncer::new(dataplane::Publisher::new(Tables::new(node))),
+        ctx: NodeContext {
+            node_name: "n1".into(),
+            node_port_range: (30000, 32767),
+            cluster_cidr: None,
+        },
+        policy: SyncPolicy {
+            min_interval: Duration::from_millis(50),
+            full_every: Duration::from_secs(30),
+        },
+        changed: changed.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        health_checks: None,
+        on_publish: Some(hook),
+        host: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let healthz = listener.local_addr().unwrap();
+    control::health::serve_healthz(listener, status.clone(), Duration::from_secs(60));
+    tokio::spawn(sync.run());
+    changed.notify_one();
+    wait_until("the first publish was refused", || async {
+        status.dataplane_behind.load(Ordering::SeqCst)
+    })
+    .await;
+    let (code, body) = get(healthz, "/healthz").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"dataplaneInSync\":false"), "{body}");
+    wait_until("a retry went through", || async { calls.load(Ordering::SeqCst) >= 3 }).await;
+    wait_until("healthz 200 again", || async {
+        get(healthz, "/healthz").await.is_some_and(|(c, _)| c == 200)
+    })
+    .await;
+    assert!(metrics.render().contains("kxp_dataplane_sync_failures_total 2"));
+}

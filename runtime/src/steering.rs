@@ -118,6 +118,62 @@ pub struct Steering {
     synced: Synced,
 }
 
+fn map_of<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, SteeringError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.map_mut(name).ok_or(SteeringError::Missing(name))?;
+    T::try_from(m).map_err(|source| SteeringError::Map { map: name, source })
+}
+
+/// Brings the set map `name` from `have` to `want`; see [`apply_diff`].
+fn set_update<K: Pod + Eq + std::hash::Hash>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    have: &mut HashSet<K>,
+    want: &HashSet<K>,
+) -> Result<(), SteeringError> {
+    let mut m: HashMap<&mut MapData, K, u8> = map_of(ebpf, name)?;
+    apply_diff(have, want, |op, k| match op {
+        Write::Remove => m.remove(k),
+        Write::Insert => m.insert(*k, 1, 0),
+    })
+    .map_err(|source| SteeringError::Map { map: name, source })
+}
+
+/// One write to a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Write {
+    Remove,
+    Insert,
+}
+
+/// Removes from a map what `have` holds and `want` does not, then adds what
+/// `want` holds and `have` does not, one key at a time through `write`.
+/// `have` records every write that succeeded, so on an error it is still
+/// exactly the map's content. A key that is already gone counts as removed.
+fn apply_diff<K: Clone + Eq + std::hash::Hash>(
+    have: &mut HashSet<K>,
+    want: &HashSet<K>,
+    mut write: impl FnMut(Write, &K) -> Result<(), aya::maps::MapError>,
+) -> Result<(), aya::maps::MapError> {
+    let gone: Vec<K> = have.difference(want).cloned().collect();
+    for k in gone {
+        match write(Write::Remove, &k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                have.remove(&k);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let new: Vec<K> = want.difference(have).cloned().collect();
+    for k in new {
+        write(Write::Insert, &k)?;
+        have.insert(k);
+    }
+    Ok(())
+}
+
 fn be_ip(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
 }
@@ -264,54 +320,34 @@ impl Steering {
             .pod_routes()
             .map(|(c, _)| (u32::from(c.prefix_len()), be_ip(c.addr())))
             .collect();
-        let old = std::mem::take(&mut self.synced);
-        self.update("frontends", &old.frontends, &want.frontends)?;
-        self.update("frontend_ips", &old.frontend_ips, &want.frontend_ips)?;
-        self.update("backends", &old.backends, &want.backends)?;
-        self.update("node_ports", &old.node_ports, &want.node_ports)?;
-        self.update("node_ips", &old.node_ips, &want.node_ips)?;
-        self.update("host_addrs", &old.host_addrs, &want.host_addrs)?;
-        self.update("overlay_peers", &old.overlay_peers, &want.overlay_peers)?;
-        let mut pods: LpmTrie<&mut MapData, u32, u8> = self.map("remote_pods")?;
-        for (len, ip) in old.remote_pods.difference(&want.remote_pods) {
-            let _ = pods.remove(&LpmKey::new(*len, *ip));
-        }
-        for (len, ip) in want.remote_pods.difference(&old.remote_pods) {
-            pods.insert(&LpmKey::new(*len, *ip), 1, 0)
-                .map_err(|source| SteeringError::Map {
-                    map: "remote_pods",
-                    source,
-                })?;
-        }
-        self.synced = want;
-        Ok(())
-    }
-
-    /// Removes from hash map `name` what is in `old` only, adds what is in
-    /// `new` only.
-    fn update<K: Pod + Eq + std::hash::Hash>(
-        &mut self,
-        name: &'static str,
-        old: &HashSet<K>,
-        new: &HashSet<K>,
-    ) -> Result<(), SteeringError> {
-        let mut m: HashMap<&mut MapData, K, u8> = self.map(name)?;
-        for k in old.difference(new) {
-            let _ = m.remove(k);
-        }
-        for k in new.difference(old) {
-            m.insert(*k, 1, 0)
-                .map_err(|source| SteeringError::Map { map: name, source })?;
-        }
-        Ok(())
+        // Each map is brought to `want` one key at a time, and `synced`
+        // follows every write that succeeded: if one fails (a full map),
+        // `synced` still says exactly what the maps hold, and the next call
+        // retries only what is missing.
+        let (ebpf, have) = (&mut self.ebpf, &mut self.synced);
+        set_update(ebpf, "frontends", &mut have.frontends, &want.frontends)?;
+        set_update(ebpf, "frontend_ips", &mut have.frontend_ips, &want.frontend_ips)?;
+        set_update(ebpf, "backends", &mut have.backends, &want.backends)?;
+        set_update(ebpf, "node_ports", &mut have.node_ports, &want.node_ports)?;
+        set_update(ebpf, "node_ips", &mut have.node_ips, &want.node_ips)?;
+        set_update(ebpf, "host_addrs", &mut have.host_addrs, &want.host_addrs)?;
+        set_update(ebpf, "overlay_peers", &mut have.overlay_peers, &want.overlay_peers)?;
+        let mut pods: LpmTrie<&mut MapData, u32, u8> = map_of(ebpf, "remote_pods")?;
+        apply_diff(&mut have.remote_pods, &want.remote_pods, |op, (len, ip)| match op {
+            Write::Remove => pods.remove(&LpmKey::new(*len, *ip)),
+            Write::Insert => pods.insert(&LpmKey::new(*len, *ip), 1, 0),
+        })
+        .map_err(|source| SteeringError::Map {
+            map: "remote_pods",
+            source,
+        })
     }
 
     fn map<'a, T>(&'a mut self, name: &'static str) -> Result<T, SteeringError>
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
     {
-        let m = self.ebpf.map_mut(name).ok_or(SteeringError::Missing(name))?;
-        T::try_from(m).map_err(|source| SteeringError::Map { map: name, source })
+        map_of(&mut self.ebpf, name)
     }
 
     pub fn stats(&mut self) -> Result<SteeringStats, SteeringError> {
@@ -327,5 +363,59 @@ impl Steering {
             redirected: sum(1)?,
             passed: sum(2)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map that refuses inserts once it holds `cap` keys.
+    struct FakeMap {
+        keys: HashSet<u32>,
+        cap: usize,
+    }
+
+    impl FakeMap {
+        fn sync(&mut self, have: &mut HashSet<u32>, want: &HashSet<u32>) -> Result<(), aya::maps::MapError> {
+            apply_diff(have, want, |op, k| {
+                match op {
+                    Write::Remove => {
+                        self.keys.remove(k);
+                    }
+                    Write::Insert if self.keys.len() >= self.cap => {
+                        return Err(aya::maps::MapError::OutOfBounds {
+                            index: self.keys.len() as u32,
+                            max_entries: self.cap as u32,
+                        })
+                    }
+                    Write::Insert => {
+                        self.keys.insert(*k);
+                    }
+                }
+                Ok(())
+            })
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_baseline_true_and_the_retry_finishes() {
+        let mut map = FakeMap {
+            keys: HashSet::new(),
+            cap: 3,
+        };
+        let mut have = HashSet::new();
+        let want: HashSet<u32> = (0..5).collect();
+        assert!(map.sync(&mut have, &want).is_err(), "the map is full");
+        assert_eq!(have, map.keys, "the baseline is what the map holds");
+        assert_eq!(have.len(), 3);
+        // Room again: the retry writes only what is missing.
+        map.cap = 10;
+        map.sync(&mut have, &want).unwrap();
+        assert_eq!((&have, &map.keys), (&want, &want));
+        // Removals too.
+        let fewer: HashSet<u32> = (0..2).collect();
+        map.sync(&mut have, &fewer).unwrap();
+        assert_eq!(map.keys, fewer);
     }
 }

@@ -147,7 +147,7 @@ impl Metrics {
         );
         registry.register(
             "kxp_worker_frames",
-            "UMEM frames per worker by place: free, fill (lent for RX), tx (in flight), total",
+            "UMEM frames per worker by place: free, fill (lent for RX), tx (in flight), held (a batch in hand), total",
             m.worker_frames.clone(),
         );
         registry.register(
@@ -257,6 +257,7 @@ impl Metrics {
                 ("free", f.free),
                 ("fill", f.in_fill),
                 ("tx", f.in_tx),
+                ("held", f.held),
                 ("total", f.total),
             ] {
                 self.worker_frames.get_or_create(&l("place", place)).set(n as i64);

@@ -455,34 +455,79 @@ fn pods_that_come_and_go_are_served_and_released() {
     if !lab::root_or_skip() {
         return;
     }
-    let svc = Svc::tcp("late", vip(90), 7500, &[(pod_ip(1, 1), 1)]);
+    let svc = Svc::new("late", vip(90), 7500, &[(pod_ip(1, 1), 1)]);
     let lab = Lab::build(1, 1).expect("lab builds");
     let mut c = Cluster::with(lab, &[1], &[svc], "  podInterfacePrefixes: [vp]\n");
     let client = c.pod(1, 0).clone();
-    let pool = c.kxps[0].metric_sum("kxp_worker_frames", &["place=\"total\""]);
-    // Twice: a pod appears (a new veth, as a CNI makes it), is served, and
-    // goes away; the second pod reuses the first one's name and address.
-    for round in 0..2 {
+    let frames = |k: &Kxp, place: &str| k.metric_sum("kxp_worker_frames", &[&format!("place=\"{place}\"")]);
+    std::thread::sleep(Duration::from_millis(300)); // a report with the fill rings full
+    let (pool, free_at_start) = (frames(&c.kxps[0], "total"), frames(&c.kxps[0], "free"));
+    // Under traffic: UDP to the service, whose one endpoint is the pod that
+    // comes and goes, so its port has frames on its TX ring when it goes.
+    let traffic = UdpStream::start(&client.ns, sa(vip(90), 7500));
+    // 100 times: a pod appears (a new veth, as a CNI makes it), is served,
+    // and goes away; each reuses the previous one's name and address.
+    for round in 0..100 {
         let late = c.lab.add_pod(1).unwrap();
-        let _server = Listener::start(&late.ns, 7500, "late").unwrap();
+        let server = Listener::start(&late.ns, 7500, "late").unwrap();
         wait_for("the new pod is served", || {
             connect(&client.ns, sa(vip(90), 7500), Duration::from_millis(500)).is_ok_and(|g| g == "late")
         });
-        drop(_server);
+        drop(server);
         c.lab.remove_last_pod(1).unwrap();
-        std::thread::sleep(Duration::from_millis(2500)); // two observations
-        let total = c.kxps[0].metric_sum("kxp_worker_frames", &["place=\"total\""]);
-        let parts: f64 = ["free", "fill", "tx"]
-            .iter()
-            .map(|p| c.kxps[0].metric_sum("kxp_worker_frames", &[&format!("place=\"{p}\"")]))
-            .sum();
-        assert_eq!(parts, total, "round {round}: the gone pod's frames came back");
-        assert_eq!(total, pool, "round {round}: no frame written off");
+        if round % 25 == 24 {
+            let k = &c.kxps[0];
+            let parts: f64 = ["free", "fill", "tx", "held"].iter().map(|p| frames(k, p)).sum();
+            assert_eq!(parts, frames(k, "total"), "round {round}: every frame is somewhere");
+            assert_eq!(frames(k, "total"), pool, "round {round}: no frame written off");
+        }
     }
+    let sent = traffic.stop();
+    assert!(sent > 1000, "the traffic ran ({sent} datagrams)");
+    std::thread::sleep(Duration::from_millis(2500)); // the last pod released, a report
+    let k = &c.kxps[0];
+    assert_eq!(frames(k, "total"), pool, "no frame written off");
     assert_eq!(
-        c.kxps[0].metric_sum("kxp_worker_drops", &["reason=\"xsk_invalid_descs\""]),
-        0.0
+        frames(k, "free"),
+        free_at_start,
+        "the free pool is back at its start size"
     );
+    assert_eq!(k.metric_sum("kxp_worker_drops", &["reason=\"xsk_invalid_descs\""]), 0.0);
+}
+
+/// UDP datagrams from a namespace to one address, paced, until stopped.
+struct UdpStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl UdpStream {
+    fn start(ns: &str, to: SocketAddr) -> UdpStream {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (s, ns) = (stop.clone(), ns.to_string());
+        let thread = std::thread::spawn(move || {
+            lab::in_namespace(&ns, move || {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                let mut sent = 0u64;
+                while !s.load(Ordering::Relaxed) {
+                    // Bursts of 64, ~20k datagrams/s at most: bounded load.
+                    for _ in 0..64 {
+                        sent += u64::from(sock.send_to(&[0u8; 512], to).is_ok());
+                    }
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                sent
+            })
+            .unwrap_or(0)
+        });
+        UdpStream { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 #[test]

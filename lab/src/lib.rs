@@ -266,9 +266,14 @@ impl Lab {
     /// Deletes the last pod of node `n` (its namespace, and with it the
     /// veth), as a CNI does when a pod ends.
     pub fn remove_last_pod(&mut self, n: u8) -> Result<(), LabError> {
-        let Some(pod) = self.nodes[usize::from(n) - 1].pods.pop() else {
+        let node = &mut self.nodes[usize::from(n) - 1];
+        let Some(pod) = node.pods.pop() else {
             return Ok(());
         };
+        // The veth first, synchronously: a namespace's links go with it only
+        // when the kernel gets round to it, and the next pod may want the name.
+        let node_side = format!("vp{n}_{}", node.pods.len());
+        run(&["ip", "-n", &node.host.ns, "link", "del", &node_side])?;
         run(&["ip", "netns", "del", &pod.ns])?;
         self.namespaces.retain(|ns| *ns != pod.ns);
         Ok(())

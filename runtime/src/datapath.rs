@@ -258,10 +258,8 @@ impl Datapath {
         };
         self.steering.detach(name)?;
         for w in &self.workers {
-            let lost = w.remove_port(index);
-            if lost > 0 {
-                tracing::warn!(iface = %name, lost, "frames never completed by a vanished interface");
-            }
+            let returned = w.remove_port(index);
+            tracing::debug!(iface = %name, returned, "port's frames back in the pool");
         }
         self.ports[index] = None;
         Ok(())

@@ -24,10 +24,9 @@ use dataplane::flow::FlowState;
 use dataplane::{Frame, Reader, Stats, Time, Verdict};
 use hdrhistogram::Histogram;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use xsk_rs::FrameDesc;
 
 use crate::tun::{HostTun, L2_LEN};
-use crate::xsk::{FrameAccount, KernelDrops, PortName, XskError, XskSet};
+use crate::xsk::{FrameAccount, KernelDrops, OwnedFrame, PortName, XskError, XskSet};
 
 const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// Empty polls of the rings before the worker sleeps in poll(2).
@@ -120,7 +119,8 @@ impl WorkerHandle {
         answer.recv().map_err(|_| gone())?
     }
 
-    /// Closes port `index` on the worker; returns frames written off.
+    /// Closes port `index` on the worker; returns the frames that came back
+    /// from its rings.
     pub fn remove_port(&self, index: usize) -> usize {
         let (reply, answer) = mpsc::channel();
         if self.commands.send(Command::RemovePort { index, reply }).is_err() {
@@ -257,8 +257,8 @@ fn forward(
     now: Time,
     tables: &dataplane::Tables,
     ingress: usize,
-    mut desc: FrameDesc,
-    out: &mut [Vec<FrameDesc>],
+    mut desc: OwnedFrame,
+    out: &mut [Vec<OwnedFrame>],
     host: Option<&HostPort>,
     counters: &mut RuntimeCounters,
 ) {
@@ -302,7 +302,7 @@ fn host_rx(
     tables: &dataplane::Tables,
     host: &HostPort,
     batch: usize,
-    out: &mut [Vec<FrameDesc>],
+    out: &mut [Vec<OwnedFrame>],
     counters: &mut RuntimeCounters,
 ) -> usize {
     let mut got = 0;
@@ -346,8 +346,8 @@ fn run(
     host: Option<HostPort>,
 ) {
     let mut nports = set.ports.len();
-    let mut rx = vec![FrameDesc::default(); batch];
-    let mut out: Vec<Vec<FrameDesc>> = (0..nports).map(|_| Vec::with_capacity(batch)).collect();
+    let mut rx: Vec<OwnedFrame> = Vec::with_capacity(batch);
+    let mut out: Vec<Vec<OwnedFrame>> = (0..nports).map(|_| Vec::with_capacity(batch)).collect();
     let mut counters = RuntimeCounters::default();
     let mut latency = new_histogram();
     let mut last_report = monotonic();
@@ -360,16 +360,15 @@ fn run(
         let tables = reader.load();
         let mut got = 0;
         for port in 0..nports {
-            let n = set.receive(port, &mut rx);
-            got += n;
-            for desc in &rx[..n] {
+            got += set.receive(port, &mut rx, batch);
+            for frame in rx.drain(..) {
                 forward(
                     &mut set,
                     &mut engine,
                     now,
                     &tables,
                     port,
-                    *desc,
+                    frame,
                     &mut out,
                     host.as_ref(),
                     &mut counters,
@@ -383,7 +382,6 @@ fn run(
         drop(tables);
         for (port, frames) in out.iter_mut().enumerate() {
             counters.tx_ring_full += set.transmit(port, frames) as u64;
-            frames.clear();
         }
         set.complete();
         set.refill();

@@ -1,19 +1,28 @@
 //! One worker's AF_XDP sockets: queue `q` of every port, all on one UMEM,
 //! so a frame received on one port is transmitted on another without a
 //! copy. Ports come and go (pods do): a port index is its `PortId`, and a
-//! removed port leaves a hole that the next new port fills. Owns the frame
-//! pool and keeps its accounting exact: every frame is at all times in
-//! exactly one of the free list, a fill ring (lent to the kernel for RX), a
-//! TX ring (until its completion), or the batch being processed.
-//! `account()` proves it. Each fill ring's frames are remembered in order
-//! (the kernel takes them first in, first out), so removing a port returns
-//! them to the pool.
+//! removed port leaves a hole that the next new port fills.
+//!
+//! **Frames are owned, and the types say so.** A frame the worker holds is
+//! an [`OwnedFrame`]: not `Copy`, not `Clone`, made only here (by `receive`
+//! and `take_free`), and given back only by `transmit` or `release`, which
+//! consume it. So safe code cannot hold a frame twice, keep one after
+//! handing it to the kernel, or invent one, and the preconditions of
+//! xsk-rs's unsafe ring and frame access hold by construction. A frame
+//! also carries the id of its set, so one worker's frame is refused by
+//! another's (a panic, never a write into a UMEM it does not belong to).
+//!
+//! **Accounting is per frame.** The set keeps where each frame is: free,
+//! lent to a port's fill ring, lent to a port's TX ring, or held by the
+//! worker. `account()` is read off that table. When a port goes, its
+//! socket is closed first, which ends the kernel's use of its rings; then
+//! every frame the table places on that port's fill or TX ring comes back
+//! to the pool. No frame is ever written off.
 //!
 //! Unsafe code: xsk-rs makes ring and frame access `unsafe` because only
 //! the caller can know that a descriptor belongs to this UMEM and is not
 //! also held by the kernel. Each block below says why that holds.
 
-use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -84,13 +93,32 @@ pub struct FrameAccount {
     pub free: usize,
     pub in_fill: usize,
     pub in_tx: usize,
+    /// Held by the worker (a batch in hand; 0 between batches).
+    pub held: usize,
 }
 
 impl FrameAccount {
     /// True when no frame is lost or counted twice.
     pub fn balanced(&self) -> bool {
-        self.free + self.in_fill + self.in_tx == self.total
+        self.free + self.in_fill + self.in_tx + self.held == self.total
     }
+}
+
+/// A UMEM frame the worker holds (see the module comment): received from
+/// a port or taken from the pool, until `transmit` or `release` takes it.
+#[derive(Debug)]
+pub struct OwnedFrame {
+    desc: FrameDesc,
+    set: u32,
+}
+
+/// Where one frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    Free,
+    Fill(u16),
+    Tx(u16),
+    Held,
 }
 
 /// Frames the kernel could not hand to kxp (or take from it), by cause.
@@ -111,10 +139,11 @@ pub struct Port {
     pub rx: RxQueue,
     fill: FillQueue,
     comp: CompQueue,
-    /// Frames on the fill ring, oldest first.
-    in_fill: VecDeque<FrameDesc>,
+    /// Frames on the fill ring.
+    in_fill: usize,
     /// Most frames this port's fill ring is given.
     fill_target: usize,
+    /// Frames on the TX ring, until their completion.
     in_tx: usize,
     /// Bound in copy mode (not every driver of the set has zero-copy).
     pub copy_mode: bool,
@@ -128,11 +157,20 @@ impl Port {
 
 pub struct XskSet {
     umem: Umem,
+    /// Tells this set's frames from another's.
+    id: u32,
     /// By `PortId`; `None` where a port was removed.
     pub ports: Vec<Option<Port>>,
     free: Vec<FrameDesc>,
-    total: usize,
+    /// Where each frame is, by frame index (address / FRAME_SIZE).
+    place: Vec<Place>,
+    /// Each frame's descriptor as the UMEM handed it out, to give a
+    /// removed port's frames back to the pool.
+    pristine: Vec<FrameDesc>,
+    /// Ring reads (RX, completions).
     scratch: Vec<FrameDesc>,
+    /// Descriptors of a TX batch.
+    tx_descs: Vec<FrameDesc>,
     queue: u32,
     sizes: RingSizes,
     mode: BindFlags,
@@ -177,11 +215,20 @@ impl XskSet {
         let total = ports.iter().map(|p| per_port(p.role)).sum::<usize>() + SPARE_POD_PORTS * per_port(PortRole::Pod);
         let count = NonZeroU32::new(total as u32).ok_or_else(|| XskError::Config("no interfaces".into()))?;
         let (umem, free) = Umem::new(umem_cfg, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
+        static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let mut pristine = free.clone();
+        pristine.sort_by_key(FrameDesc::addr);
+        if pristine.iter().enumerate().any(|(i, d)| Self::index(d) != i) {
+            return Err(XskError::Umem("frames are not laid out one per FRAME_SIZE".into()));
+        }
         let mut set = XskSet {
             umem,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ports: Vec::with_capacity(ports.len()),
             free,
-            total,
+            place: vec![Place::Free; total],
+            pristine,
+            tx_descs: Vec::with_capacity(sizes.tx as usize),
             scratch: vec![FrameDesc::default(); sizes.comp.max(sizes.rx) as usize],
             queue,
             sizes,
@@ -231,7 +278,7 @@ impl XskSet {
             rx,
             fill,
             comp,
-            in_fill: VecDeque::with_capacity(ring as usize),
+            in_fill: 0,
             fill_target: if pod {
                 POD_RING.min(self.sizes.fill) as usize
             } else {
@@ -249,48 +296,71 @@ impl XskSet {
         Ok(fd)
     }
 
-    /// Closes port `index`: waits (bounded) for its transmissions to
-    /// complete, closes the socket, and takes its fill frames back. Frames
-    /// still unsent after the wait (the interface vanished mid-send) are
-    /// written off the pool and returned in the count.
+    /// Closes port `index` and takes back every frame lent to its rings.
+    /// Transmissions under way get a moment to complete first (bounded), so
+    /// their packets go out; closing the socket then ends the kernel's use
+    /// of its fill and TX rings (in copy mode a sent frame's bytes were
+    /// copied at send time; a zero-copy driver stops the queue's DMA when
+    /// the socket unbinds), and the frames still placed there return to
+    /// the pool. Returns how many frames came back.
     pub fn remove_port(&mut self, index: usize) -> usize {
         let Some(mut p) = self.ports.get_mut(index).and_then(Option::take) else {
             return 0;
         };
         let deadline = Instant::now() + Duration::from_millis(100);
         while p.in_tx > 0 && Instant::now() < deadline {
-            // SAFETY: as in `complete`.
-            let n = unsafe { p.comp.consume(&mut self.scratch) };
-            p.in_tx -= n;
-            self.free.extend_from_slice(&self.scratch[..n]);
+            let n = Self::completions(&mut p, &mut self.scratch);
+            self.settle_completed(n);
             if n == 0 {
                 let _ = p.tx.wakeup();
                 std::thread::yield_now();
             }
         }
-        let lost = p.in_tx;
-        self.total -= lost;
-        let fill: Vec<FrameDesc> = p.in_fill.drain(..).collect();
-        // Closing the socket ends the kernel's use of its fill ring.
         drop(p);
-        self.free.extend(fill);
-        lost
+        let mut returned = 0;
+        for (i, place) in self.place.iter_mut().enumerate() {
+            if matches!(*place, Place::Fill(q) | Place::Tx(q) if usize::from(q) == index) {
+                *place = Place::Free;
+                self.free.push(self.pristine[i]);
+                returned += 1;
+            }
+        }
+        returned
     }
 
     pub fn account(&self) -> FrameAccount {
-        FrameAccount {
-            total: self.total,
-            free: self.free.len(),
-            in_fill: self.ports.iter().flatten().map(|p| p.in_fill.len()).sum(),
-            in_tx: self.in_flight(),
+        let mut a = FrameAccount {
+            total: self.place.len(),
+            ..FrameAccount::default()
+        };
+        for p in &self.place {
+            match p {
+                Place::Free => a.free += 1,
+                Place::Fill(_) => a.in_fill += 1,
+                Place::Tx(_) => a.in_tx += 1,
+                Place::Held => a.held += 1,
+            }
+        }
+        a
+    }
+
+    /// The index of the frame `desc` points into.
+    fn index(desc: &FrameDesc) -> usize {
+        desc.addr() / FRAME_SIZE as usize
+    }
+
+    fn set_place(&mut self, desc: &FrameDesc, to: Place) {
+        if let Some(p) = self.place.get_mut(Self::index(desc)) {
+            *p = to;
         }
     }
 
     /// Gives free frames to every fill ring below its share; wakes the
     /// kernel only if the ring asks for it.
     pub fn refill(&mut self) {
-        for p in self.ports.iter_mut().flatten() {
-            let want = p.fill_target.saturating_sub(p.in_fill.len()).min(self.free.len());
+        for (index, p) in self.ports.iter_mut().enumerate() {
+            let Some(p) = p else { continue };
+            let want = p.fill_target.saturating_sub(p.in_fill).min(self.free.len());
             let n = p.fill.nb_free(want as u32) as usize;
             let n = n.min(want);
             if n == 0 {
@@ -302,7 +372,12 @@ impl XskSet {
             // to the kernel until they come back through an RX ring.
             let done = unsafe { p.fill.produce(&self.free[from..]) };
             if done > 0 {
-                p.in_fill.extend(self.free.drain(from..from + done));
+                p.in_fill += done;
+                for d in self.free.drain(from..from + done) {
+                    if let Some(place) = self.place.get_mut(Self::index(&d)) {
+                        *place = Place::Fill(index as u16);
+                    }
+                }
             }
             if p.fill.needs_wakeup() {
                 let _ = p.fill.wakeup(p.rx.fd_mut(), 0);
@@ -310,28 +385,44 @@ impl XskSet {
         }
     }
 
-    /// Takes up to `out.len()` received frames from `port` (no syscall).
-    /// The caller must hand each one to `transmit` or `release`.
-    pub fn receive(&mut self, port: usize, out: &mut [FrameDesc]) -> usize {
+    /// Takes up to `max` received frames from `port` (no syscall) into
+    /// `out`; returns how many.
+    pub fn receive(&mut self, port: usize, out: &mut Vec<OwnedFrame>, max: usize) -> usize {
         let Some(p) = self.ports.get_mut(port).and_then(Option::as_mut) else {
             return 0;
         };
+        let max = max.min(self.scratch.len());
         // SAFETY: the descriptors the RX ring returns are frames of this
-        // UMEM the kernel has finished writing; from now on only the caller
-        // holds them.
-        let n = unsafe { p.rx.consume(out) };
-        // The kernel fills buffers in fill-ring order: these n left it.
-        p.in_fill.drain(..n.min(p.in_fill.len()));
+        // UMEM the kernel has finished writing; from now on only the
+        // `OwnedFrame` made for each holds them.
+        let n = unsafe { p.rx.consume(&mut self.scratch[..max]) };
+        p.in_fill = p.in_fill.saturating_sub(n);
+        for i in 0..n {
+            let desc = self.scratch[i];
+            if let Some(place) = self.place.get_mut(Self::index(&desc)) {
+                *place = Place::Held;
+            }
+            out.push(OwnedFrame { desc, set: self.id });
+        }
         n
     }
 
-    /// The frame `desc` points at as one buffer: the XDP headroom in front
-    /// of the packet, the packet, and the rest of the frame. Returns the
-    /// buffer and the packet's offset and length in it.
-    pub fn frame_mut(&mut self, desc: &mut FrameDesc) -> (&mut [u8], usize, usize) {
+    /// Panics on a frame of another set: writing through it would touch a
+    /// UMEM it does not belong to.
+    fn check(&self, f: &OwnedFrame) {
+        assert_eq!(f.set, self.id, "a frame of another worker's UMEM");
+    }
+
+    /// The frame as one buffer: the XDP headroom in front of the packet,
+    /// the packet, and the rest of the frame. Returns the buffer and the
+    /// packet's offset and length in it.
+    pub fn frame_mut<'a>(&'a mut self, f: &'a mut OwnedFrame) -> (&'a mut [u8], usize, usize) {
+        self.check(f);
+        let desc = &mut f.desc;
         let headroom = desc.addr() % FRAME_SIZE as usize;
-        // SAFETY: `desc` came from `receive`, so it is a frame of this UMEM
-        // that neither the kernel nor another descriptor refers to.
+        // SAFETY: `f` is an `OwnedFrame` of this set, so its descriptor is a
+        // frame of this UMEM that neither the kernel nor any other
+        // `OwnedFrame` refers to.
         let mut data = unsafe { self.umem.data_mut(desc) };
         let len = data.contents().len();
         let cap = data.cursor().buf_len();
@@ -339,7 +430,7 @@ impl XskSet {
         // SAFETY: with a zero user headroom xsk-rs lays each frame out as
         // [XDP headroom][data], frame-aligned, so the `headroom` bytes before
         // the data and the `cap` bytes from it are exactly this frame's
-        // FRAME_SIZE bytes: in bounds of the UMEM and owned by the caller as
+        // FRAME_SIZE bytes: in bounds of the UMEM and owned through `f` as
         // above. `data` (the only other view) is no longer used.
         let buf = unsafe { std::slice::from_raw_parts_mut(start.sub(headroom), headroom + cap) };
         (buf, headroom, len)
@@ -349,88 +440,128 @@ impl XskSet {
     /// The descriptor's start is fixed by xsk-rs, so a packet that grew or
     /// shrank at the front (VXLAN encap/decap) is moved back to it. False
     /// (nothing changed) if it would not fit there: the caller drops it.
-    pub fn set_packet(&mut self, desc: &mut FrameDesc, offset: usize, len: usize) -> bool {
-        let headroom = desc.addr() % FRAME_SIZE as usize;
+    pub fn set_packet(&mut self, f: &mut OwnedFrame, offset: usize, len: usize) -> bool {
+        let headroom = f.desc.addr() % FRAME_SIZE as usize;
         if offset != headroom {
-            let (buf, _, _) = self.frame_mut(desc);
+            let (buf, _, _) = self.frame_mut(f);
             if offset + len > buf.len() || headroom + len > buf.len() {
                 return false;
             }
             buf.copy_within(offset..offset + len, headroom);
         }
+        self.check(f);
         // SAFETY: as in `frame_mut`.
-        let mut data = unsafe { self.umem.data_mut(desc) };
+        let mut data = unsafe { self.umem.data_mut(&mut f.desc) };
         data.cursor().set_pos(len);
         true
     }
 
     /// A free frame for a packet that does not arrive through a socket (from
-    /// the node's TUN device); the caller must `transmit` or `release` it.
-    /// Only while the fill rings have what they need, so the TUN device
-    /// never starves a port.
-    pub fn take_free(&mut self) -> Option<FrameDesc> {
+    /// the node's TUN device). Only while the fill rings have what they
+    /// need, so the TUN device never starves a port.
+    pub fn take_free(&mut self) -> Option<OwnedFrame> {
         let wanted: usize = self
             .ports
             .iter()
             .flatten()
-            .map(|p| p.fill_target.saturating_sub(p.in_fill.len()))
+            .map(|p| p.fill_target.saturating_sub(p.in_fill))
             .sum();
-        (self.free.len() > wanted).then(|| self.free.pop()).flatten()
+        if self.free.len() <= wanted {
+            return None;
+        }
+        let desc = self.free.pop()?;
+        self.set_place(&desc, Place::Held);
+        Some(OwnedFrame { desc, set: self.id })
     }
 
-    /// Returns a frame the caller will not send to the free list.
-    pub fn release(&mut self, desc: FrameDesc) {
-        self.free.push(desc);
+    /// Gives back a frame that will not be sent.
+    pub fn release(&mut self, f: OwnedFrame) {
+        self.check(&f);
+        self.set_place(&f.desc, Place::Free);
+        self.free.push(f.desc);
     }
 
-    /// Queues `descs` for transmission on `port` as far as its TX ring has
-    /// room and returns how many did not fit (those are released and
-    /// should be counted as drops). Wakes the kernel, which copy mode
-    /// needs for every batch.
-    pub fn transmit(&mut self, port: usize, descs: &[FrameDesc]) -> usize {
-        if descs.is_empty() {
+    /// Queues `frames` (all of them taken) for transmission on `port` as
+    /// far as its TX ring has room; returns how many did not fit (those
+    /// are released and should be counted as drops). Wakes the kernel,
+    /// which copy mode needs for every batch.
+    pub fn transmit(&mut self, port: usize, frames: &mut Vec<OwnedFrame>) -> usize {
+        if frames.is_empty() {
             return 0;
         }
-        let Some(p) = self.ports.get_mut(port).and_then(Option::as_mut) else {
-            self.free.extend_from_slice(descs);
-            return descs.len();
-        };
-        let room = p.tx.nb_free(descs.len() as u32) as usize;
-        let n = room.min(descs.len());
-        // SAFETY: the frames came from `receive` and were processed in place;
-        // from now on the kernel owns them until the completion ring returns
-        // them.
-        let sent = unsafe { p.tx.produce(&descs[..n]) };
-        p.in_tx += sent;
-        if p.copy_mode {
-            // One wakeup sends at most COPY_MODE_TX_BUDGET frames.
-            for _ in 0..sent.div_ceil(COPY_MODE_TX_BUDGET) {
-                let _ = p.tx.wakeup();
+        for f in frames.iter() {
+            self.check(f);
+        }
+        let mut descs = std::mem::take(&mut self.tx_descs);
+        descs.clear();
+        descs.extend(frames.drain(..).map(|f| f.desc));
+        let sent = match self.ports.get_mut(port).and_then(Option::as_mut) {
+            None => 0,
+            Some(p) => {
+                let room = p.tx.nb_free(descs.len() as u32) as usize;
+                let n = room.min(descs.len());
+                // SAFETY: the frames came from `OwnedFrame`s of this set,
+                // which `drain` consumed: nothing else refers to them, and
+                // from now on the kernel owns them until the completion ring
+                // returns them.
+                let sent = unsafe { p.tx.produce(&descs[..n]) };
+                p.in_tx += sent;
+                if p.copy_mode {
+                    // One wakeup sends at most COPY_MODE_TX_BUDGET frames.
+                    for _ in 0..sent.div_ceil(COPY_MODE_TX_BUDGET) {
+                        let _ = p.tx.wakeup();
+                    }
+                } else if sent > 0 && p.tx.needs_wakeup() {
+                    let _ = p.tx.wakeup();
+                }
+                sent
             }
-        } else if sent > 0 && p.tx.needs_wakeup() {
-            let _ = p.tx.wakeup();
+        };
+        for (k, d) in descs.iter().enumerate() {
+            if let Some(place) = self.place.get_mut(Self::index(d)) {
+                *place = if k < sent { Place::Tx(port as u16) } else { Place::Free };
+            }
         }
         self.free.extend_from_slice(&descs[sent..]);
-        descs.len() - sent
+        let unsent = descs.len() - sent;
+        self.tx_descs = descs;
+        unsent
+    }
+
+    /// Reads `p`'s completion ring into `scratch`; returns how many.
+    fn completions(p: &mut Port, scratch: &mut [FrameDesc]) -> usize {
+        // SAFETY: the completion ring returns frames of this UMEM the
+        // kernel has finished sending; nothing else refers to them.
+        let n = unsafe { p.comp.consume(scratch) };
+        p.in_tx = p.in_tx.saturating_sub(n);
+        n
+    }
+
+    /// The first `n` frames of `scratch` completed: free again.
+    fn settle_completed(&mut self, n: usize) {
+        for i in 0..n {
+            let d = self.scratch[i];
+            if let Some(place) = self.place.get_mut(Self::index(&d)) {
+                *place = Place::Free;
+            }
+            self.free.push(d);
+        }
     }
 
     /// Moves completed TX frames of every port back to the free list;
     /// returns how many.
     pub fn complete(&mut self) -> usize {
         let mut total = 0;
-        for p in self.ports.iter_mut().flatten() {
-            if p.in_tx == 0 {
+        for index in 0..self.ports.len() {
+            let Some(p) = self.ports[index].as_mut().filter(|p| p.in_tx > 0) else {
                 continue;
-            }
-            // SAFETY: the completion ring returns frames of this UMEM the
-            // kernel has finished sending; nothing else refers to them.
-            let n = unsafe { p.comp.consume(&mut self.scratch) };
-            p.in_tx -= n;
-            self.free.extend_from_slice(&self.scratch[..n]);
-            total += n;
+            };
+            let n = Self::completions(p, &mut self.scratch);
             if p.in_tx > 0 && p.tx.needs_wakeup() {
                 let _ = p.tx.wakeup();
             }
+            self.settle_completed(n);
+            total += n;
         }
         total
     }

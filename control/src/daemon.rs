@@ -70,6 +70,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether the worker's socket set may try zero-copy. Every socket of a
+/// set shares one UMEM and so one mode, and pods' veths have no zero-copy
+/// (no kernel offers it on veth): a set that serves pods, now or later
+/// (`podInterfacePrefixes`), must be in copy mode from the start, or the
+/// pods that appear later could never join it. Zero-copy is for nodes
+/// whose kxp serves the uplink alone (gateways, load-balancer nodes).
+/// Rejected for now: a second, zero-copy UMEM for the uplink beside the
+/// pods' copy-mode one, with a copy in userspace between them; it needs
+/// a NIC with zero-copy to measure whether that copy beats the kernel's.
+fn zero_copy_possible(cfg: &Config) -> bool {
+    cfg.pod_interfaces.is_empty() && cfg.pod_interface_prefixes.is_empty()
+}
+
 /// The datapath's ports from `kxp.interfaces` (the uplink) and
 /// `kxp.podInterfaces`; `None` when no interface is configured (control
 /// only, e.g. `kxp run` to watch what would be programmed).
@@ -90,7 +103,7 @@ pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
         cores: cfg.worker_cores.clone(),
         rings: RingSizes::default(),
         batch: 64,
-        zero_copy: true,
+        zero_copy: zero_copy_possible(cfg),
         // Always: a host-network backend on this node is reached through it
         // too; the node's own connections to services need serviceCIDRs.
         host: Some(HostConfig {
@@ -223,4 +236,29 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
         metrics_addr,
         datapath,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileConfig;
+
+    fn config(pods: &[&str], prefixes: &[&str]) -> Config {
+        let mut c = Config::resolve(FileConfig::default()).unwrap();
+        c.interfaces = vec!["eth0".into()];
+        c.pod_interfaces = pods.iter().map(|s| s.to_string()).collect();
+        c.pod_interface_prefixes = prefixes.iter().map(|s| s.to_string()).collect();
+        c
+    }
+
+    #[test]
+    fn sockets_that_serve_pods_never_try_zero_copy() {
+        // Pods now, pods later, or both: copy mode, so every pod can join.
+        for (pods, prefixes) in [(&["veth1"][..], &[][..]), (&[], &["cali"]), (&["veth1"], &["cali"])] {
+            let dp = datapath_config(&config(pods, prefixes)).unwrap();
+            assert!(!dp.zero_copy, "pods {pods:?}, prefixes {prefixes:?}");
+        }
+        // The uplink alone may use zero-copy where its driver has it.
+        assert!(datapath_config(&config(&[], &[])).unwrap().zero_copy);
+    }
 }

@@ -23,12 +23,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use lab::flood::{flood, Kind};
-use lab::kxp::{sibling_binary, write_manifests, Kxp, Svc};
+use lab::kxp::{write_manifests, Kxp, Svc};
 use lab::probe::{echoes, open, Echo};
 use lab::{node_ip, pod_ip, Lab};
 use serde_json::{json, Value};
 
-use crate::{cpu, kube_proxy};
+use crate::{cpu, kube_proxy, lab_run};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -81,16 +81,7 @@ pub fn run(args: &Args) {
 }
 
 fn bench(args: &Args) -> Result<(), String> {
-    let bin =
-        args.kxp.clone().or_else(|| sibling_binary("kxp")).ok_or(
-            "cannot find the kxp binary next to bench; build the workspace (cargo build --release) or pass --kxp",
-        )?;
-    ctrlc::set_handler(|| {
-        lab::remove_namespaces_with_prefix(PREFIX);
-        std::process::exit(130);
-    })
-    .map_err(|e| e.to_string())?;
-    lab::remove_namespaces_with_prefix(PREFIX);
+    let bin = lab_run::prepare(PREFIX, args.kxp.clone())?;
     println!("building the lab: 1 node x 2 pods and a client");
     let lab = Lab::build_named(PREFIX, 1, 2).map_err(|e| e.to_string())?;
     let node = &lab.nodes[0];

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::{cpu, kube_proxy};
-use lab::kxp::{metric_sum, sibling_binary, write_manifests, Kxp, Svc};
+use crate::{cpu, kube_proxy, lab_run};
+use lab::kxp::{metric_sum, write_manifests, Kxp, Svc};
 use lab::{node_ip, pod_ip, Host, Lab};
 
 #[derive(clap::Args, Debug)]
@@ -152,18 +152,7 @@ pub fn run(args: &Args) {
 }
 
 fn demo(args: &Args) -> Result<(), String> {
-    let bin =
-        args.kxp.clone().or_else(|| sibling_binary("kxp")).ok_or(
-            "cannot find the kxp binary next to bench; build the workspace (cargo build --release) or pass --kxp",
-        )?;
-    // Ctrl-C: delete the lab's namespaces (their links go with them); the
-    // children get the same SIGINT from the terminal.
-    ctrlc::set_handler(|| {
-        lab::remove_namespaces_with_prefix(PREFIX);
-        std::process::exit(130);
-    })
-    .map_err(|e| e.to_string())?;
-    lab::remove_namespaces_with_prefix(PREFIX); // leftovers of a killed run
+    let bin = lab_run::prepare(PREFIX, args.kxp.clone())?;
     println!("building the lab: 2 nodes x 2 pods, a client, Flannel-style VXLAN");
     let lab = Lab::build_named(PREFIX, 2, 2).map_err(|e| e.to_string())?;
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;

@@ -6,6 +6,7 @@ mod engine;
 mod flood;
 mod kube_proxy;
 mod lab_demo;
+mod lab_run;
 mod memory;
 
 use clap::{Parser, Subcommand};

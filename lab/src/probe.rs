@@ -92,14 +92,7 @@ impl Drop for Listener {
 /// Connects from namespace `ns` to `to` and returns the listener's
 /// greeting (its name), or the error (refused, timed out...).
 pub fn connect(ns: &str, to: SocketAddr, timeout: Duration) -> Result<String, std::io::Error> {
-    crate::in_namespace(ns, move || {
-        let mut s = TcpStream::connect_timeout(&to, timeout)?;
-        s.set_read_timeout(Some(timeout))?;
-        let mut greeting = String::new();
-        s.read_to_string(&mut greeting)?;
-        Ok(greeting.trim().to_string())
-    })
-    .map_err(|e| std::io::Error::other(e.to_string()))?
+    connect_from(ns, 0, to, timeout)
 }
 
 /// A TCP echo server in a namespace, one thread per connection, until
@@ -189,8 +182,8 @@ pub fn echoes(s: &mut TcpStream) -> bool {
     s.write_all(msg).is_ok() && s.read_exact(&mut back).is_ok() && &back == msg
 }
 
-/// `connect`, from local port `from_port` (reused at once: SO_REUSEADDR),
-/// as a client that picks its own source port does.
+/// `connect`, from local port `from_port` (0: any; reused at once:
+/// SO_REUSEADDR), as a client that picks its own source port does.
 pub fn connect_from(ns: &str, from_port: u16, to: SocketAddr, timeout: Duration) -> Result<String, std::io::Error> {
     use socket2::{Domain, Socket, Type};
     crate::in_namespace(ns, move || {

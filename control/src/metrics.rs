@@ -215,6 +215,8 @@ impl Metrics {
                 ("frag_needed", st.frag_needed),
                 ("encapsulated", st.encapsulated),
                 ("decapsulated", st.decapsulated),
+                ("fragments_translated", st.fragments_translated),
+                ("fragments_untracked", st.fragments_untracked),
             ] {
                 self.worker_events.get_or_create(&l("event", event)).set(n as i64);
             }

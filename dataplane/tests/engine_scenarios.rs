@@ -39,7 +39,7 @@ fn from_pod_a(lab: &mut Lab, spec: Spec) -> Out {
 // ---- 1. parsing ----
 
 #[test]
-fn non_ipv4_and_fragments_pass_to_the_kernel_untouched() {
+fn non_ipv4_and_node_traffic_pass_to_the_kernel_untouched() {
     let mut lab = Lab::new(&[web(Proto::Tcp)]);
     let mut arp = vec![0xffu8; 6];
     arp.extend_from_slice(&GW_MAC.0);
@@ -49,13 +49,11 @@ fn non_ipv4_and_fragments_pass_to_the_kernel_untouched() {
     let mut v6 = arp.clone();
     v6[12..14].copy_from_slice(&[0x86, 0xdd]);
     assert_eq!(lab.send(UPLINK, &v6).verdict, Verdict::Pass);
-    // A first fragment to the ClusterIP: the kernel reassembles, kxp does not mangle.
-    let mut frag = tcp((POD_B, 4000), (CLUSTER_IP, 80), TCP_SYN)
-        .macs(POD_B_MAC, PORT_B_MAC)
-        .build();
+    // A fragment of the node's own traffic from outside is the kernel's.
+    let mut frag = udp((CLIENT_IP, 4000), (NODE_IP, 53)).macs(GW_MAC, UPLINK_MAC).build();
     frag[14 + 6] = 0x20; // MF
     let frag = fix_ip_checksum(&frag);
-    let out = lab.send(PORT_B, &frag);
+    let out = lab.send(UPLINK, &frag);
     assert_eq!(out.verdict, Verdict::Pass);
     assert_eq!(out.bytes, frag);
     // SSH to the node is not kxp's.
@@ -1130,4 +1128,109 @@ fn a_direct_connection_reusing_a_finished_service_flows_tuple_is_not_translated(
     from_pod_b(&mut lab, tcp((POD_B, q), (CLUSTER_IP, 80), TCP_SYN));
     let live = from_pod_a(&mut lab, tcp((POD_A, 8080), (POD_B, q), TCP_SYN | TCP_ACK));
     assert_eq!(live.seen().src, CLUSTER_IP);
+}
+
+/// Splits a built frame's IP datagram into fragments of at most `payload`
+/// bytes of IP payload each (a multiple of 8), as a sender's stack would.
+fn fragments(frame: &[u8], payload: usize) -> Vec<Vec<u8>> {
+    let (eth, ip) = frame.split_at(14);
+    let body = &ip[20..];
+    body.chunks(payload)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut f = eth.to_vec();
+            let mut h = ip[..20].to_vec();
+            h[2..4].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            h[4..6].copy_from_slice(&0x4242u16.to_be_bytes());
+            let more = if (i + 1) * payload < body.len() { 0x2000 } else { 0 };
+            h[6..8].copy_from_slice(&(more | (i * payload / 8) as u16).to_be_bytes());
+            f.extend_from_slice(&h);
+            f.extend_from_slice(chunk);
+            fix_ip_checksum(&f)
+        })
+        .collect()
+}
+
+/// Issue #9: a 4 KB UDP answer through a ClusterIP (DNS over UDP) arrives
+/// in fragments; each gets the NAT its first fragment got, both ways.
+#[test]
+fn fragments_of_a_service_datagram_are_translated_like_their_first() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    let query = craft::Spec::udp((POD_B, 5353), (CLUSTER_IP, 80), &[7u8; 4000])
+        .macs(POD_B_MAC, PORT_B_MAC)
+        .build();
+    let parts = fragments(&query, 1400);
+    assert_eq!(parts.len(), 3);
+    let mut delivered = Vec::new();
+    for p in &parts {
+        let out = lab.send_raw(PORT_B, p);
+        assert_eq!(out.verdict, Verdict::Tx(PORT_A));
+        delivered.push(out.bytes);
+    }
+    for d in &delivered {
+        assert_eq!(&d[14 + 16..14 + 20], &POD_A.octets(), "every fragment DNATed");
+        assert!(ipv4::parse(d, 14).is_ok(), "valid IP header checksum");
+    }
+    // Reassembled, the datagram carries a valid UDP checksum for its new addresses.
+    let whole = reassemble(&delivered);
+    let seen = craft::inspect(&whole).unwrap();
+    assert!(seen.checksums_ok);
+    assert_eq!((seen.dst, seen.ports.1), (POD_A, 8080));
+    // The answer, fragmented by the backend, comes back from the ClusterIP.
+    let answer = craft::Spec::udp((POD_A, 8080), (POD_B, 5353), &[9u8; 4000])
+        .macs(POD_A_MAC, PORT_A_MAC)
+        .build();
+    let back: Vec<Vec<u8>> = fragments(&answer, 1400)
+        .iter()
+        .map(|p| {
+            let out = lab.send_raw(PORT_A, p);
+            assert_eq!(out.verdict, Verdict::Tx(PORT_B));
+            out.bytes
+        })
+        .collect();
+    let seen = craft::inspect(&reassemble(&back)).unwrap();
+    assert!(seen.checksums_ok);
+    assert_eq!((seen.src, seen.ports.0, seen.dst), (CLUSTER_IP, 80, POD_B));
+    assert_eq!(lab.worker.stats.fragments_translated, 4);
+    // A later fragment whose first one kxp never saw (another datagram id)
+    // is routed as it is, untranslated.
+    let mut stray = fragments(&query, 1400)[2].clone();
+    stray[14 + 4..14 + 6].copy_from_slice(&0x4343u16.to_be_bytes());
+    let out = lab.send_raw(PORT_B, &fix_ip_checksum(&stray));
+    assert_eq!(out.verdict, Verdict::Tx(UPLINK));
+    assert_eq!(&out.bytes[14 + 16..14 + 20], &CLUSTER_IP.octets());
+    assert_eq!(lab.worker.stats.fragments_translated, 4);
+}
+
+/// From outside through a NodePort: SNATed and DNATed, every fragment.
+#[test]
+fn fragments_through_a_node_port_are_translated_like_their_first() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    let query = craft::Spec::udp((CLIENT_IP, 40000), (NODE_IP, 30080), &[7u8; 4000])
+        .macs(GW_MAC, UPLINK_MAC)
+        .build();
+    let delivered: Vec<Vec<u8>> = fragments(&query, 1480)
+        .iter()
+        .map(|p| {
+            let out = lab.send_raw(UPLINK, p);
+            assert_eq!(out.verdict, Verdict::Tx(PORT_A));
+            out.bytes
+        })
+        .collect();
+    let seen = craft::inspect(&reassemble(&delivered)).unwrap();
+    assert!(seen.checksums_ok);
+    assert_eq!((seen.src, seen.dst, seen.ports.1), (NODE_IP, POD_A, 8080));
+}
+
+/// The fragments' IP payloads, in order, behind the first one's headers,
+/// with the total length fixed: the datagram the receiver reassembles.
+fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut whole = frags[0][..14 + 20].to_vec();
+    for f in frags {
+        whole.extend_from_slice(&f[14 + 20..]);
+    }
+    let total = (whole.len() - 14) as u16;
+    whole[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+    whole[14 + 6..14 + 8].copy_from_slice(&[0, 0]);
+    fix_ip_checksum(&whole)
 }

@@ -199,3 +199,63 @@ pub fn connect_from(ns: &str, from_port: u16, to: SocketAddr, timeout: Duration)
     })
     .map_err(|e| std::io::Error::other(e.to_string()))?
 }
+
+/// A UDP echo server in a namespace until dropped: every datagram goes
+/// back to its sender as it came (a DNS server's large answer, say).
+pub struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    pub fn start(ns: &str, port: u16) -> Result<UdpEcho, LabError> {
+        let sock = crate::in_namespace(ns, move || std::net::UdpSocket::bind(("0.0.0.0", port)))?.map_err(|e| {
+            LabError::Enter {
+                ns: ns.to_string(),
+                reason: format!("bind UDP port {port}: {e}"),
+            }
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut buf = vec![0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Ok(UdpEcho {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one `size`-byte datagram from namespace `ns` to `to` and waits
+/// for its echo; returns the size of what came back.
+pub fn udp_roundtrip(ns: &str, to: SocketAddr, size: usize, timeout: Duration) -> Result<usize, std::io::Error> {
+    crate::in_namespace(ns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.set_read_timeout(Some(timeout))?;
+        let msg: Vec<u8> = (0..size).map(|i| i as u8).collect();
+        sock.send_to(&msg, to)?;
+        let mut buf = vec![0u8; size + 1];
+        let (n, _) = sock.recv_from(&mut buf)?;
+        if buf[..n] != msg[..] {
+            return Err(std::io::Error::other("the echo differs from what was sent"));
+        }
+        Ok(n)
+    })
+    .map_err(|e| std::io::Error::other(e.to_string()))?
+}

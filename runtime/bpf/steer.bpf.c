@@ -7,7 +7,9 @@
 // externalIP : port / proto); NodePorts on node addresses; VXLAN to this
 // node from a known node, on the uplink; replies to NATed flows (from a backend endpoint, to a client that is
 // not this node or to the SNAT port range); ICMP errors to frontend or SNAT
-// addresses; pod traffic to another node's pod CIDR. Maps are filled from kxp's published tables.
+// addresses; pod traffic to another node's pod CIDR; later fragments of a
+// datagram whose first fragment was kxp's. Maps are filled from kxp's
+// published tables.
 //
 // Written without CO-RE or vmlinux.h: the kernels kxp targets may not
 // expose BTF.
@@ -95,6 +97,24 @@ SET(node_ports, struct l4_key, 1 << 16);
 /* Other nodes' underlay addresses: the only sources VXLAN is taken from. */
 SET(overlay_peers, __u32, 1 << 14);
 
+/* Datagrams whose first fragment was steered to kxp: their later
+ * fragments (no ports to judge by) follow it. Written here, by the
+ * program itself, as it steers a first fragment; LRU, so it never fills. */
+struct frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 14);
+	__type(key, struct frag_key);
+	__type(value, __u8);
+} frag_flows SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1 << 14);
@@ -131,7 +151,19 @@ static __always_inline int in_range(__u16 port_be, __u16 lo, __u16 hi)
 	return lo && p >= lo && p <= hi;
 }
 
-static __always_inline int kxps(struct xdp_md *ctx, struct port *port)
+static __always_inline struct frag_key frag_key_of(struct iphdr *ip)
+{
+	struct frag_key k = {
+		.saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id, .proto = ip->protocol, .pad = 0,
+	};
+	return k;
+}
+
+/* Whether the frame is kxp's; *first_frag gets its datagram's key when it
+ * is a first fragment (proto stays 0 otherwise). A key, not a pointer into
+ * the packet: the compiler turns a conditional packet pointer into
+ * arithmetic the verifier refuses. */
+static __always_inline int kxps(struct xdp_md *ctx, struct port *port, struct frag_key *first_frag)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
@@ -153,9 +185,15 @@ static __always_inline int kxps(struct xdp_md *ctx, struct port *port)
 	struct iphdr *ip = l3;
 	if ((void *)(ip + 1) > end || ip->ihl < 5)
 		return 0;
-	/* Fragments: the kernel reassembles; kxp does not mangle them. */
-	if (ip->frag_off & bpf_htons(0x3fff))
-		return 0;
+	/* A later fragment has no ports: it is kxp's when its datagram's first
+	 * fragment was (frag_flows). A first fragment carries the L4 header and
+	 * is judged like any packet. */
+	if (ip->frag_off & bpf_htons(0x1fff)) {
+		struct frag_key fk = frag_key_of(ip);
+		return bpf_map_lookup_elem(&frag_flows, &fk) != 0;
+	}
+	if (ip->frag_off & bpf_htons(0x2000))
+		*first_frag = frag_key_of(ip);
 	struct config *cfg = bpf_map_lookup_elem(&settings, &zero);
 	if (!cfg)
 		return 0;
@@ -217,9 +255,14 @@ int kxp_steer(struct xdp_md *ctx)
 	count(STAT_SEEN);
 	__u32 ifindex = ctx->ingress_ifindex;
 	struct port *port = bpf_map_lookup_elem(&ports, &ifindex);
-	if (!port || ctx->rx_queue_index >= MAX_QUEUES || !kxps(ctx, port)) {
+	struct frag_key first_frag = {};
+	if (!port || ctx->rx_queue_index >= MAX_QUEUES || !kxps(ctx, port, &first_frag)) {
 		count(STAT_PASSED);
 		return XDP_PASS;
+	}
+	if (first_frag.proto) {
+		__u8 one = 1;
+		bpf_map_update_elem(&frag_flows, &first_frag, &one, BPF_ANY);
 	}
 	count(STAT_REDIRECTED);
 	return bpf_redirect_map(&xsks, port->slot * MAX_QUEUES + ctx->rx_queue_index, XDP_PASS);

@@ -129,9 +129,6 @@ impl Worker {
             ingress: outer.ingress,
             origin: Origin::Overlay,
         };
-        if ip.is_fragment() {
-            return self.forward_plain(t, frame, pkt);
-        }
         self.handle_ip(now, t, frame, pkt)
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! Pipeline:
 //! ```text
-//! Ethernet/VLAN -> IPv4 (fragments: Pass) -> VXLAN to us? decap, recurse on inner
+//! Ethernet/VLAN -> IPv4 -> VXLAN to us? decap, recurse on inner
+//!   later fragments: the addresses their first fragment got (or plain routing)
 //!   TCP/UDP: conntrack hit  -> (stale backend? UDP rebalance / TCP RST) -> NAT -> TTL -> egress
 //!            service match  -> backend (affinity, Maglev) -> SNAT? -> conntrack insert -> NAT -> egress
 //!            otherwise      -> overlay routing or Pass
@@ -27,6 +28,7 @@ mod stats;
 use std::sync::Arc;
 
 use crate::addr::PortId;
+use crate::flow::fragments::FragKey;
 use crate::flow::FlowState;
 use crate::frame::Frame;
 use crate::tables::{PortRole, Tables};
@@ -141,11 +143,7 @@ impl Worker {
         if origin == Origin::Pod && !t.pod_may_send_from(ingress, ip.src) {
             return Err(DropReason::SpoofedSource);
         }
-        if ip.is_fragment() {
-            // Only the first fragment has ports; NATing fragments needs
-            // reassembly, which the kernel does.
-            return Ok(Verdict::Pass);
-        }
+
         // Pass must hand over the original frame, so strip Ethernet padding
         // only once the frame is surely ours.
         let pkt = Pkt {
@@ -154,7 +152,7 @@ impl Worker {
             ingress,
             origin,
         };
-        if ip.proto == PROTO_UDP && origin == Origin::Uplink && t.node().is_node_ip(ip.dst) {
+        if ip.proto == PROTO_UDP && origin == Origin::Uplink && !ip.is_later_fragment() && t.node().is_node_ip(ip.dst) {
             if let Some(u) = l4::parse(frame.data(), &ip)? {
                 if u.dst_port == t.node().vxlan.port {
                     frame.truncate(ip.end());
@@ -171,6 +169,9 @@ impl Worker {
     }
 
     fn handle_ip(&mut self, now: Time, t: &Tables, frame: &mut Frame, pkt: Pkt) -> Result<Verdict, DropReason> {
+        if pkt.ip.is_later_fragment() {
+            return self.later_fragment(now, t, frame, pkt);
+        }
         if let Some(l4) = l4::parse(frame.data(), &pkt.ip)? {
             return self.handle_l4(now, t, frame, pkt, l4);
         }
@@ -213,6 +214,34 @@ impl Worker {
         if !ipv4::decrement_ttl(frame.data_mut(), &mut pkt.ip) {
             return Err(DropReason::TtlExceeded);
         }
+        self.send(t, frame, &pkt)
+    }
+
+    /// A fragment after the first: it gets the addresses its datagram's
+    /// first fragment was translated to (see `flow::fragments`); one whose
+    /// first fragment kxp did not translate is routed as plain traffic.
+    fn later_fragment(
+        &mut self,
+        now: Time,
+        t: &Tables,
+        frame: &mut Frame,
+        mut pkt: Pkt,
+    ) -> Result<Verdict, DropReason> {
+        let key = FragKey {
+            src: pkt.ip.src,
+            dst: pkt.ip.dst,
+            proto: pkt.ip.proto,
+            id: pkt.ip.id,
+        };
+        let Some((src, dst)) = self.flows.fragments.lookup(now, &key) else {
+            return self.forward_plain(t, frame, pkt);
+        };
+        if pkt.ip.ttl <= 1 {
+            return Err(DropReason::TtlExceeded);
+        }
+        frame.truncate(pkt.ip.end());
+        ipv4::nat_forward(frame.data_mut(), &mut pkt.ip, src, dst);
+        self.stats.fragments_translated += 1;
         self.send(t, frame, &pkt)
     }
 

@@ -4,6 +4,7 @@
 use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
 use crate::addr::{BackendAddr, Endpoint, Proto};
 use crate::flow::conntrack::{Entry, InsertError};
+use crate::flow::fragments::FragKey;
 use crate::flow::tcp::{self, CtState, FIN_FORWARD, FIN_REPLY};
 use crate::flow::{Dir, FlowKey};
 use crate::tables::{ChecksumPolicy, Reach, ServiceMatch, Tables};
@@ -51,7 +52,8 @@ impl<'a> Segment<'a> {
             bytes,
             ip: &pkt.ip,
             l4,
-            verify: t.node().checksum == ChecksumPolicy::Incremental,
+            // A first fragment holds only part of what its checksum covers.
+            verify: t.node().checksum == ChecksumPolicy::Incremental && !pkt.ip.is_fragment(),
         }
     }
 
@@ -300,10 +302,24 @@ impl Worker {
             return Err(DropReason::TtlExceeded);
         }
         frame.truncate(pkt.ip.end());
+        if pkt.ip.is_first_fragment() {
+            // Its later fragments get the same addresses (flow::fragments).
+            let key = FragKey {
+                src: pkt.ip.src,
+                dst: pkt.ip.dst,
+                proto: pkt.ip.proto,
+                id: pkt.ip.id,
+            };
+            if !self.flows.fragments.record(self.now, key, src.ip, dst.ip) {
+                self.stats.fragments_untracked += 1;
+            }
+        }
         let b = frame.data_mut();
         let addrs = ipv4::nat_forward(b, &mut pkt.ip, src.ip, dst.ip);
         l4::rewrite_ports(b, &mut l4, addrs, src.port, dst.port);
-        if t.node().checksum == ChecksumPolicy::Full {
+        // A fragment holds part of what its checksum covers: only the
+        // incremental update is right for it.
+        if t.node().checksum == ChecksumPolicy::Full && !pkt.ip.is_fragment() {
             l4::fill_checksum(b, &pkt.ip, &l4, false);
         }
         self.send(t, frame, &pkt)

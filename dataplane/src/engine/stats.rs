@@ -99,6 +99,11 @@ pub struct Stats {
     pub frag_needed: u64,
     pub encapsulated: u64,
     pub decapsulated: u64,
+    /// Later fragments given their first fragment's translation.
+    pub fragments_translated: u64,
+    /// First fragments whose translation the full fragment table could not
+    /// keep (their later fragments go untranslated).
+    pub fragments_untracked: u64,
 }
 
 impl Stats {
@@ -129,6 +134,8 @@ impl Stats {
         self.frag_needed += o.frag_needed;
         self.encapsulated += o.encapsulated;
         self.decapsulated += o.decapsulated;
+        self.fragments_translated += o.fragments_translated;
+        self.fragments_untracked += o.fragments_untracked;
     }
 }
 

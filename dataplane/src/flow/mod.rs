@@ -13,6 +13,7 @@
 
 pub mod affinity;
 pub mod conntrack;
+pub mod fragments;
 pub mod key;
 pub mod tcp;
 
@@ -21,10 +22,14 @@ pub use conntrack::{Conntrack, CtConfig, Dir, Entry};
 pub use key::FlowKey;
 pub use tcp::{CtState, Timeouts};
 
+/// Datagrams whose later fragments kxp translates at once (30 s each).
+const FRAGMENT_CAPACITY: usize = 16384;
+
 /// The shared flow state one node's workers use.
 pub struct FlowState {
     pub conntrack: Conntrack,
     pub affinity: Affinity,
+    pub fragments: fragments::Fragments,
 }
 
 impl FlowState {
@@ -32,6 +37,7 @@ impl FlowState {
         FlowState {
             conntrack: Conntrack::new(config),
             affinity: Affinity::new(config.affinity_capacity),
+            fragments: fragments::Fragments::new(FRAGMENT_CAPACITY),
         }
     }
 }

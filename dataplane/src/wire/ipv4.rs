@@ -44,6 +44,8 @@ pub struct Ipv4 {
     pub ttl: u8,
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
+    /// Identification: with src, dst and proto, names a datagram's fragments.
+    pub id: u16,
     flags_frag: u16,
 }
 
@@ -52,6 +54,18 @@ impl Ipv4 {
     #[inline]
     pub fn is_fragment(&self) -> bool {
         self.flags_frag & (FLAG_MF | OFFSET_MASK) != 0
+    }
+
+    /// The first fragment of several: it carries the L4 header.
+    #[inline]
+    pub fn is_first_fragment(&self) -> bool {
+        self.flags_frag & (FLAG_MF | OFFSET_MASK) == FLAG_MF
+    }
+
+    /// A fragment after the first: no L4 header, only the datagram's key.
+    #[inline]
+    pub fn is_later_fragment(&self) -> bool {
+        self.flags_frag & OFFSET_MASK != 0
     }
 
     #[inline]
@@ -120,6 +134,7 @@ pub fn parse_header(frame: &[u8], off: usize) -> Result<Ipv4, WireError> {
         ttl: b[TTL],
         src: Ipv4Addr::from(be32(b, SRC)),
         dst: Ipv4Addr::from(be32(b, DST)),
+        id: be16(b, 4),
         flags_frag: be16(b, FRAG),
     })
 }
@@ -229,6 +244,7 @@ pub fn write(frame: &mut [u8], off: usize, h: NewHeader) -> Ipv4 {
         ttl: h.ttl,
         src: h.src,
         dst: h.dst,
+        id: h.id,
         flags_frag: flags,
     }
 }
@@ -305,6 +321,7 @@ mod tests {
             ttl: d[8],
             src: Ipv4Addr::UNSPECIFIED,
             dst: Ipv4Addr::UNSPECIFIED,
+            id: 0,
             flags_frag: 0,
         }
     }

@@ -54,7 +54,8 @@ impl L4 {
     }
 }
 
-/// Parses the TCP or UDP header of a complete, unfragmented datagram.
+/// Parses the TCP or UDP header of a complete, unfragmented datagram or of
+/// a first fragment (whose UDP length counts the fragments still to come).
 /// Returns `Ok(None)` for other protocols.
 #[inline]
 pub fn parse(frame: &[u8], ip: &Ipv4) -> Result<Option<L4>, WireError> {
@@ -65,7 +66,10 @@ pub fn parse(frame: &[u8], ip: &Ipv4) -> Result<Option<L4>, WireError> {
             if len < UDP_HEADER_LEN {
                 return Err(WireError::TruncatedL4);
             }
-            let udp_len = usize::from(be16(frame, off + 4));
+            let mut udp_len = usize::from(be16(frame, off + 4));
+            if udp_len > len && ip.is_first_fragment() {
+                udp_len = len; // what this fragment holds of it
+            }
             if udp_len < UDP_HEADER_LEN || udp_len > len {
                 return Err(WireError::TruncatedL4);
             }

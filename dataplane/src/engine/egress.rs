@@ -105,7 +105,16 @@ impl Worker {
     ) -> Result<Verdict, DropReason> {
         // Only nodes kxp routes pods to may tunnel to it: anyone else could
         // wrap a packet to a ClusterIP and reach what is cluster-internal.
-        let peer = t.overlay_peer(outer.ip.src).ok_or(DropReason::OverlayUnknownPeer)?;
+        let peer = outer.ip.src;
+        let generation = t.generation();
+        let pod_cidr = match self.peers.get(generation, peer) {
+            Some(c) => c,
+            None => {
+                let c = t.overlay_peer(peer).ok_or(DropReason::OverlayUnknownPeer)?.pod_cidr();
+                self.peers.put(generation, peer, c);
+                c
+            }
+        };
         let vx = udp.off + UDP_HEADER_LEN;
         let vni = vxlan::parse(frame.data(), vx)?;
         if vni != t.node().vxlan.vni {
@@ -118,7 +127,9 @@ impl Worker {
         }
         let ip = ipv4::parse(frame.data(), l2.len)?;
         // A peer speaks for its own pods and itself, nobody else.
-        if !peer.may_send_from(ip.src) {
+        let speaks_for =
+            |src| src == peer || pod_cidr.contains(src) || t.overlay_peer(peer).is_some_and(|p| p.may_send_from(src));
+        if !speaks_for(ip.src) {
             return Err(DropReason::OverlaySpoofedSource);
         }
         frame.truncate(ip.end());

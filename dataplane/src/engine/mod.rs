@@ -21,6 +21,7 @@
 mod egress;
 mod icmp_error;
 mod nat;
+mod peer_cache;
 mod reply;
 mod route_cache;
 mod stats;
@@ -69,6 +70,7 @@ pub struct Worker {
     limits: AnswerLimits,
     ip_id: u16,
     routes: route_cache::RouteCache,
+    peers: peer_cache::PeerCache,
     sweep_scratch: Vec<(crate::flow::FlowKey, usize)>,
     /// The time of the frame being processed (for answers generated deep
     /// in the egress path).
@@ -92,6 +94,7 @@ impl Worker {
             limits: AnswerLimits::default(),
             ip_id: 0,
             routes: route_cache::RouteCache::default(),
+            peers: peer_cache::PeerCache::default(),
             sweep_scratch: Vec::with_capacity(4096),
             now: Time::ZERO,
         }

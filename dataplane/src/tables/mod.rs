@@ -81,6 +81,11 @@ pub struct OverlayPeer<'a> {
 }
 
 impl OverlayPeer<'_> {
+    /// Its pod CIDR (the first, where a node has several).
+    pub fn pod_cidr(&self) -> Cidr {
+        self.pod_cidr
+    }
+
     /// Whether the peer may speak for `src`: its own address or its pods.
     #[inline]
     pub fn may_send_from(&self, src: Ipv4Addr) -> bool {

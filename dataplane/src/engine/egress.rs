@@ -3,9 +3,8 @@
 
 use std::net::Ipv4Addr;
 
-use super::route_cache::Egress;
 use super::{DropReason, Frame, Origin, Pkt, Verdict, Worker};
-use crate::addr::Mac;
+use crate::addr::{Mac, PortId};
 use crate::hash;
 use crate::tables::{RemoteNode, Tables};
 use crate::time::Time;
@@ -13,6 +12,15 @@ use crate::wire::ethernet::{self, ETHERTYPE_IPV4, L2};
 use crate::wire::ipv4::{self, NewHeader, PROTO_UDP};
 use crate::wire::l4::{L4, UDP_HEADER_LEN};
 use crate::wire::{be16, put16, vxlan};
+
+/// Where packets for one destination go (cached per worker).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Egress {
+    /// Out of `port` to `mac` (a local pod, or a host/gateway on the uplink).
+    Direct { port: PortId, mac: Mac },
+    /// VXLAN to another node, whose underlay next hop is `next_hop`.
+    Overlay { node: RemoteNode, next_hop: Mac },
+}
 
 /// UDP source ports for VXLAN come from this range (RFC 7348 recommends
 /// 49152-65535), chosen by the inner flow hash so ECMP spreads flows.

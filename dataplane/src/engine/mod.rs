@@ -19,11 +19,10 @@
 //! ```
 
 mod egress;
+mod gen_cache;
 mod icmp_error;
 mod nat;
-mod peer_cache;
 mod reply;
-mod route_cache;
 mod stats;
 
 use std::sync::Arc;
@@ -69,8 +68,10 @@ pub struct Worker {
     pub stats: Stats,
     limits: AnswerLimits,
     ip_id: u16,
-    routes: route_cache::RouteCache,
-    peers: peer_cache::PeerCache,
+    /// Egress decisions by destination.
+    routes: gen_cache::GenCache<egress::Egress>,
+    /// Overlay peers' pod CIDRs by peer address (only known peers).
+    peers: gen_cache::GenCache<crate::addr::Cidr>,
     sweep_scratch: Vec<(crate::flow::FlowKey, usize)>,
     /// The time of the frame being processed (for answers generated deep
     /// in the egress path).
@@ -93,8 +94,8 @@ impl Worker {
             stats: Stats::default(),
             limits: AnswerLimits::default(),
             ip_id: 0,
-            routes: route_cache::RouteCache::default(),
-            peers: peer_cache::PeerCache::default(),
+            routes: gen_cache::GenCache::new(1024),
+            peers: gen_cache::GenCache::new(256),
             sweep_scratch: Vec::with_capacity(4096),
             now: Time::ZERO,
         }

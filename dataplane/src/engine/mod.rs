@@ -166,7 +166,7 @@ impl Worker {
         }
         // Nobody on the uplink may claim a local pod's address (VXLAN is
         // checked against its peer instead, above).
-        if origin == Origin::Uplink && t.local_pod(ip.src).is_some() {
+        if origin == Origin::Uplink && t.is_local_pod(ip.src) {
             return Err(DropReason::SpoofedSource);
         }
         self.handle_ip(now, t, frame, pkt)

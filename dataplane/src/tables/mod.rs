@@ -138,6 +138,9 @@ pub struct Tables {
     /// from `local_pods`): the per-packet source check is an index and a
     /// compare, not a map lookup.
     pod_sources: Arc<[PodSources]>,
+    /// The lowest and highest local pod address: a cheap first filter for
+    /// "is this a local pod's address", asked of every uplink packet.
+    local_pod_span: (u32, u32),
     pod_routes: Map<Cidr, RemoteNode>,
     /// Distinct prefix lengths in `pod_routes`, longest first.
     route_lens: Arc<[u8]>,
@@ -159,6 +162,7 @@ impl Tables {
             services: map(),
             local_pods: map(),
             pod_sources: Arc::from([]),
+            local_pod_span: (u32::MAX, 0),
             pod_routes: map(),
             route_lens: Arc::from([]),
             overlay_peers: Arc::default(),
@@ -333,8 +337,22 @@ impl Tables {
         }
     }
 
+    /// Whether `ip` is a local pod's address (the uplink may not send from
+    /// one). Outside the local pods' span this costs two compares.
+    #[inline]
+    pub fn is_local_pod(&self, ip: Ipv4Addr) -> bool {
+        let (lo, hi) = self.local_pod_span;
+        let v = u32::from(ip);
+        lo <= v && v <= hi && self.local_pods.contains_key(&ip)
+    }
+
     /// Rebuilt per local pod change (a node has a few hundred at most).
     fn refresh_pod_sources(&mut self) {
+        self.local_pod_span = self
+            .local_pods
+            .keys()
+            .map(|ip| u32::from(*ip))
+            .fold((u32::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)));
         let ports = self
             .local_pods
             .values()

@@ -94,7 +94,10 @@ impl Ipv4 {
 
 /// Parses a complete datagram: the frame must hold `total_len` bytes and the
 /// header checksum must verify. Ethernet padding beyond `total_len` is allowed.
-#[inline]
+// Always inlined, like `parse_header` and `nat_forward`: every packet
+// takes them, and once they had several callers the compiler made calls
+// of them (measured: established path ~8 % slower by median).
+#[inline(always)]
 pub fn parse(frame: &[u8], off: usize) -> Result<Ipv4, WireError> {
     let ip = parse_header(frame, off)?;
     if frame.len() < ip.end() {
@@ -105,7 +108,7 @@ pub fn parse(frame: &[u8], off: usize) -> Result<Ipv4, WireError> {
 
 /// Parses a header whose datagram may be cut short, as quoted inside an ICMP
 /// error: only the header itself must be present and valid.
-#[inline]
+#[inline(always)]
 pub fn parse_header(frame: &[u8], off: usize) -> Result<Ipv4, WireError> {
     if frame.len() < off + MIN_HEADER_LEN {
         return Err(WireError::TruncatedIpv4);
@@ -181,7 +184,7 @@ pub fn decrement_ttl(frame: &mut [u8], ip: &mut Ipv4) -> bool {
 /// The forwarding rewrite in one pass: new addresses, TTL decremented, one
 /// checksum update. The caller has checked `ip.ttl > 1`. Returns the
 /// address part of the change, which the L4 pseudo-header shares.
-#[inline]
+#[inline(always)]
 pub fn nat_forward(frame: &mut [u8], ip: &mut Ipv4, src: Ipv4Addr, dst: Ipv4Addr) -> checksum::Delta {
     let addrs = checksum::Delta::default()
         .dword(u32::from(ip.src), u32::from(src))

@@ -118,7 +118,7 @@ impl Worker {
         let pod_cidr = match self.peers.get(generation, peer) {
             Some(c) => c,
             None => {
-                let c = t.overlay_peer(peer).ok_or(DropReason::OverlayUnknownPeer)?.pod_cidr();
+                let c = t.overlay_peer_cidr(peer).ok_or(DropReason::OverlayUnknownPeer)?;
                 self.peers.put(generation, peer, c);
                 c
             }
@@ -135,9 +135,7 @@ impl Worker {
         }
         let ip = ipv4::parse(frame.data(), l2.len)?;
         // A peer speaks for its own pods and itself, nobody else.
-        let speaks_for =
-            |src| src == peer || pod_cidr.contains(src) || t.overlay_peer(peer).is_some_and(|p| p.may_send_from(src));
-        if !speaks_for(ip.src) {
+        if !t.overlay_peer_may_send(peer, pod_cidr, ip.src) {
             return Err(DropReason::OverlaySpoofedSource);
         }
         frame.truncate(ip.end());

@@ -231,12 +231,7 @@ impl Worker {
         frame: &mut Frame,
         mut pkt: Pkt,
     ) -> Result<Verdict, DropReason> {
-        let key = FragKey {
-            src: pkt.ip.src,
-            dst: pkt.ip.dst,
-            proto: pkt.ip.proto,
-            id: pkt.ip.id,
-        };
+        let key = FragKey::of(&pkt.ip);
         let Some((src, dst)) = self.flows.fragments.lookup(now, &key) else {
             return self.forward_plain(t, frame, pkt);
         };

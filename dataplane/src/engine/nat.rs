@@ -304,12 +304,7 @@ impl Worker {
         frame.truncate(pkt.ip.end());
         if pkt.ip.is_first_fragment() {
             // Its later fragments get the same addresses (flow::fragments).
-            let key = FragKey {
-                src: pkt.ip.src,
-                dst: pkt.ip.dst,
-                proto: pkt.ip.proto,
-                id: pkt.ip.id,
-            };
+            let key = FragKey::of(&pkt.ip);
             if !self.flows.fragments.record(self.now, key, src.ip, dst.ip) {
                 self.stats.fragments_untracked += 1;
             }

@@ -30,6 +30,18 @@ pub struct FragKey {
     pub id: u16,
 }
 
+impl FragKey {
+    /// The key of the datagram `ip` is (a fragment of).
+    pub fn of(ip: &crate::wire::ipv4::Ipv4) -> Self {
+        FragKey {
+            src: ip.src,
+            dst: ip.dst,
+            proto: ip.proto,
+            id: ip.id,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Translation {
     src: Ipv4Addr,

@@ -73,30 +73,6 @@ pub struct RemoteNode {
     pub vtep_mac: Mac,
 }
 
-/// Another node that may send VXLAN to this one.
-pub struct OverlayPeer<'a> {
-    addr: Ipv4Addr,
-    pod_cidr: Cidr,
-    tables: &'a Tables,
-}
-
-impl OverlayPeer<'_> {
-    /// Its pod CIDR (the first, where a node has several).
-    pub fn pod_cidr(&self) -> Cidr {
-        self.pod_cidr
-    }
-
-    /// Whether the peer may speak for `src`: its own address or its pods.
-    #[inline]
-    pub fn may_send_from(&self, src: Ipv4Addr) -> bool {
-        // A node has one IPv4 pod CIDR; a second route to the same node is
-        // found by the route lookup (only on this slow, refusing path).
-        src == self.addr
-            || self.pod_cidr.contains(src)
-            || self.tables.remote_node(src).is_some_and(|n| n.node_ip == self.addr)
-    }
-}
-
 /// Why control's change could not be applied; the snapshot is unchanged.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TableError {
@@ -219,16 +195,20 @@ impl Tables {
             .find_map(|&len| self.pod_routes.get(&Cidr::of(ip, len)).copied())
     }
 
-    /// `peer` when it is another node's overlay endpoint (a node whose pod
-    /// CIDR kxp routes to); `None` for anyone else.
+    /// The pod CIDR of `peer` when it is another node's overlay endpoint
+    /// (a node whose pod CIDR kxp routes to); `None` for anyone else.
     #[inline]
-    pub fn overlay_peer(&self, peer: Ipv4Addr) -> Option<OverlayPeer<'_>> {
-        let pod_cidr = *self.overlay_peers.get(&peer)?;
-        Some(OverlayPeer {
-            addr: peer,
-            pod_cidr,
-            tables: self,
-        })
+    pub fn overlay_peer_cidr(&self, peer: Ipv4Addr) -> Option<Cidr> {
+        self.overlay_peers.get(&peer).copied()
+    }
+
+    /// Whether overlay peer `peer`, whose pod CIDR is `pod_cidr`, may speak
+    /// for `src`: its own address or its pods'. A node has one IPv4 pod
+    /// CIDR; a second route to the same node is found by the route lookup
+    /// (only on this slow, refusing path).
+    #[inline]
+    pub fn overlay_peer_may_send(&self, peer: Ipv4Addr, pod_cidr: Cidr, src: Ipv4Addr) -> bool {
+        src == peer || pod_cidr.contains(src) || self.remote_node(src).is_some_and(|n| n.node_ip == peer)
     }
 
     /// Other nodes' pod CIDRs.

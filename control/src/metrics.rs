@@ -216,7 +216,7 @@ impl Metrics {
                 ("encapsulated", st.encapsulated),
                 ("decapsulated", st.decapsulated),
                 ("fragments_translated", st.fragments_translated),
-                ("fragments_untracked", st.fragments_untracked),
+                ("fragments_evicted", st.fragments_evicted),
             ] {
                 self.worker_events.get_or_create(&l("event", event)).set(n as i64);
             }

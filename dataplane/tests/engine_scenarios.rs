@@ -1222,6 +1222,36 @@ fn fragments_through_a_node_port_are_translated_like_their_first() {
     assert_eq!((seen.src, seen.dst, seen.ports.1), (NODE_IP, POD_A, 8080));
 }
 
+/// A flood of forged first fragments (one packet each, from anywhere) fills
+/// the fragment table; a real client's fragmented datagram that follows is
+/// still translated whole.
+#[test]
+fn a_first_fragment_flood_does_not_lock_out_real_fragmented_datagrams() {
+    let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    for n in 0..20_000u32 {
+        let src = Ipv4Addr::from(0xc612_0000 + n); // 198.18.0.0/15
+        let forged = craft::Spec::udp((src, 1024 + (n % 60000) as u16), (NODE_IP, 30080), &[0u8; 2000])
+            .macs(GW_MAC, UPLINK_MAC)
+            .build();
+        lab.send_raw(UPLINK, &fragments(&forged, 1480)[0]);
+    }
+    assert!(lab.worker.stats.fragments_evicted > 0, "the flood overfilled the table");
+    let query = craft::Spec::udp((CLIENT_IP, 40000), (NODE_IP, 30080), &[7u8; 4000])
+        .macs(GW_MAC, UPLINK_MAC)
+        .build();
+    let delivered: Vec<Vec<u8>> = fragments(&query, 1480)
+        .iter()
+        .map(|p| {
+            let out = lab.send_raw(UPLINK, p);
+            assert_eq!(out.verdict, Verdict::Tx(PORT_A));
+            out.bytes
+        })
+        .collect();
+    let seen = craft::inspect(&reassemble(&delivered)).unwrap();
+    assert!(seen.checksums_ok);
+    assert_eq!((seen.src, seen.dst), (NODE_IP, POD_A));
+}
+
 /// The fragments' IP payloads, in order, behind the first one's headers,
 /// with the total length fixed: the datagram the receiver reassembles.
 fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {

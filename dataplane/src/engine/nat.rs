@@ -305,8 +305,8 @@ impl Worker {
         if pkt.ip.is_first_fragment() {
             // Its later fragments get the same addresses (flow::fragments).
             let key = FragKey::of(&pkt.ip);
-            if !self.flows.fragments.record(self.now, key, src.ip, dst.ip) {
-                self.stats.fragments_untracked += 1;
+            if self.flows.fragments.record(self.now, key, src.ip, dst.ip) {
+                self.stats.fragments_evicted += 1;
             }
         }
         let b = frame.data_mut();

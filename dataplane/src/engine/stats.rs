@@ -101,9 +101,9 @@ pub struct Stats {
     pub decapsulated: u64,
     /// Later fragments given their first fragment's translation.
     pub fragments_translated: u64,
-    /// First fragments whose translation the full fragment table could not
-    /// keep (their later fragments go untranslated).
-    pub fragments_untracked: u64,
+    /// Live fragment translations pushed out of the full table (a flood of
+    /// first fragments, if it climbs).
+    pub fragments_evicted: u64,
 }
 
 impl Stats {
@@ -135,7 +135,7 @@ impl Stats {
         self.encapsulated += o.encapsulated;
         self.decapsulated += o.decapsulated;
         self.fragments_translated += o.fragments_translated;
-        self.fragments_untracked += o.fragments_untracked;
+        self.fragments_evicted += o.fragments_evicted;
     }
 }
 

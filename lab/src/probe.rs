@@ -12,41 +12,65 @@ use std::time::Duration;
 
 use crate::LabError;
 
+/// A thread that runs until its owner is dropped: it watches `stop`, and
+/// the drop sets it and waits for the thread.
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    fn spawn(f: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Background {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        Background {
+            stop,
+            thread: Some(std::thread::spawn(move || f(s))),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A TCP listener running in a namespace until dropped.
 pub struct Listener {
     pub name: String,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Background,
+}
+
+/// Binds a socket with `bind` inside namespace `ns` (it stays there) and
+/// names the error with the namespace and port.
+fn bound_in<T: Send + 'static>(
+    ns: &str,
+    port: u16,
+    bind: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, LabError> {
+    crate::in_namespace(ns, bind)?.map_err(|e| LabError::Enter {
+        ns: ns.to_string(),
+        reason: format!("bind port {port}: {e}"),
+    })
 }
 
 impl Listener {
     /// Listens on `0.0.0.0:port` in namespace `ns`, greeting with `name`.
     pub fn start(ns: &str, port: u16, name: &str) -> Result<Listener, LabError> {
-        let file = std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| LabError::Enter {
-            ns: ns.to_string(),
-            reason: e.to_string(),
+        let listener = bound_in(ns, port, move || {
+            let l = TcpListener::bind(("0.0.0.0", port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
         })?;
         let peers = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, s, greeting) = (peers.clone(), stop.clone(), format!("{name}\n"));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let bound = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| e.to_string())
-                .and_then(|_| TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string()))
-                .and_then(|l| l.set_nonblocking(true).map(|_| l).map_err(|e| e.to_string()));
-            let listener = match bound {
-                Ok(l) => {
-                    let _ = ready_tx.send(Ok(()));
-                    l
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            while !s.load(Ordering::Relaxed) {
+        let (p, greeting) = (peers.clone(), format!("{name}\n"));
+        let thread = Background::spawn(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut conn, peer)) => {
                         p.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
@@ -57,35 +81,16 @@ impl Listener {
                 }
             }
         });
-        let ready = ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-        let listener = Listener {
+        Ok(Listener {
             name: name.to_string(),
             peers,
-            stop,
-            thread: Some(thread),
-        };
-        ready.map_err(|reason| LabError::Enter {
-            ns: ns.to_string(),
-            reason: format!("listen on port {port}: {reason}"),
-        })?;
-        Ok(listener)
+            _thread: thread,
+        })
     }
 
     /// Source addresses of the connections accepted so far.
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -98,31 +103,24 @@ pub fn connect(ns: &str, to: SocketAddr, timeout: Duration) -> Result<String, st
 /// A TCP echo server in a namespace, one thread per connection, until
 /// dropped: long-lived connections a test can probe again and again.
 pub struct Echo {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Background,
 }
 
 impl Echo {
     /// Echoes every byte on `0.0.0.0:port` in namespace `ns`.
     pub fn start(ns: &str, port: u16) -> Result<Echo, LabError> {
-        let listener =
-            crate::in_namespace(ns, move || TcpListener::bind(("0.0.0.0", port)))?.map_err(|e| LabError::Enter {
-                ns: ns.to_string(),
-                reason: format!("listen on port {port}: {e}"),
-            })?;
-        listener.set_nonblocking(true).map_err(|e| LabError::Enter {
-            ns: ns.to_string(),
-            reason: e.to_string(),
+        let listener = bound_in(ns, port, move || {
+            let l = TcpListener::bind(("0.0.0.0", port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
         })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let thread = Background::spawn(move |stop| {
             let mut conns = Vec::new();
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let s = s.clone();
-                        conns.push(std::thread::spawn(move || echo(conn, &s)));
+                        let stop = stop.clone();
+                        conns.push(std::thread::spawn(move || echo(conn, &stop)));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -131,10 +129,7 @@ impl Echo {
                 let _ = c.join();
             }
         });
-        Ok(Echo {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Echo { _thread: thread })
     }
 }
 
@@ -152,15 +147,6 @@ fn echo(mut conn: TcpStream, stop: &AtomicBool) {
             }
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
             Err(_) => return,
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }
@@ -203,42 +189,25 @@ pub fn connect_from(ns: &str, from_port: u16, to: SocketAddr, timeout: Duration)
 /// A UDP echo server in a namespace until dropped: every datagram goes
 /// back to its sender as it came (a DNS server's large answer, say).
 pub struct UdpEcho {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Background,
 }
 
 impl UdpEcho {
     pub fn start(ns: &str, port: u16) -> Result<UdpEcho, LabError> {
-        let sock = crate::in_namespace(ns, move || std::net::UdpSocket::bind(("0.0.0.0", port)))?.map_err(|e| {
-            LabError::Enter {
-                ns: ns.to_string(),
-                reason: format!("bind UDP port {port}: {e}"),
-            }
+        let sock = bound_in(ns, port, move || {
+            let s = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(s)
         })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
+        let thread = Background::spawn(move |stop| {
             let mut buf = vec![0u8; 65536];
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&buf[..n], from);
                 }
             }
         });
-        Ok(UdpEcho {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Ok(UdpEcho { _thread: thread })
     }
 }
 

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dataplane::addr::Mac;
-use dataplane::flow::FlowState;
 use dataplane::tables::{NodeConfig, PortRole, Tables};
 use dataplane::{Publisher, Reader};
 use runtime::datapath::HostConfig;
@@ -183,8 +182,7 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
     let mut datapath = None;
     let (on_publish, host) = match datapath_config(cfg) {
         Some(dp_cfg) => {
-            let flows = Arc::new(FlowState::new(cfg.conntrack));
-            let dp = Arc::new(Mutex::new(Datapath::start(&dp_cfg, reader.clone(), flows)?));
+            let dp = Arc::new(Mutex::new(Datapath::start(&dp_cfg, reader.clone(), cfg.conntrack)?));
             tracing::info!(ports = ?dp_cfg.ports, queues = dp_cfg.queues, "datapath running");
             let reports = dp.clone();
             metrics.set_worker_source(Box::new(move || {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dataplane::addr::Cidr;
-use dataplane::flow::FlowState;
+use dataplane::flow::{CtConfig, FlowState};
 use dataplane::tables::{PortRole, Tables};
 use dataplane::Reader;
 use hdrhistogram::Histogram;
@@ -119,9 +119,12 @@ pub fn preflight(cfg: &DatapathConfig) -> Result<(), DatapathError> {
 }
 
 impl Datapath {
-    pub fn start(cfg: &DatapathConfig, reader: Reader, flows: Arc<FlowState>) -> Result<Datapath, DatapathError> {
+    /// Starts the datapath on `cfg`'s ports. Its flow state (conntrack
+    /// sized by `conntrack`) keeps the steering program's reply index.
+    pub fn start(cfg: &DatapathConfig, reader: Reader, conntrack: CtConfig) -> Result<Datapath, DatapathError> {
         preflight(cfg)?;
-        let mut steering = Steering::load()?;
+        let (mut steering, replies) = Steering::load(conntrack.capacity)?;
+        let flows = Arc::new(FlowState::with_reply_index(conntrack, replies));
         for p in &cfg.ports {
             steering.attach(&p.name, p.role)?;
         }

@@ -2,13 +2,16 @@
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicU64;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpFlags};
-use aya::{Ebpf, Pod};
+use aya::{Ebpf, EbpfLoader, Pod};
 use dataplane::addr::{Frontend, Proto};
+use dataplane::flow::reply_index::{IndexMemory, ReplyIndex, WORDS_PER_BUCKET};
 use dataplane::tables::{PortRole, Tables};
 
 /// The compiled program (see build.rs).
@@ -28,6 +31,8 @@ pub enum SteeringError {
     Interface { iface: String, reason: String },
     #[error("the XDP program has no map or program named {0}: the object and this build disagree")]
     Missing(&'static str),
+    #[error("cannot map the reply index into memory: {0}; kxp needs Linux 5.5 or later (mmapable BPF arrays)")]
+    MapIndex(#[source] nix::Error),
     #[error("cannot update XDP map {map}: {source}")]
     Map {
         map: &'static str,
@@ -50,20 +55,19 @@ struct L4Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct Config {
-    snat_ip: u32,
-    snat_port_lo: u16,
-    snat_port_hi: u16,
+    index_seed: u64,
+    index_mask: u32,
     node_port_lo: u16,
     node_port_hi: u16,
     vxlan_port: u16,
-    pad: u16,
+    pad: [u16; 3],
 }
 
 // SAFETY: `Pod` promises the type is plain old data that any bit pattern
 // may fill: L4Key is repr(C), integers only, with its padding as an explicit
 // field, so it has no uninitialised bytes and no invalid values.
 unsafe impl Pod for L4Key {}
-// SAFETY: as above: repr(C), integers only, padding explicit.
+// SAFETY: as above: repr(C), integers only (24 bytes, the u64 first), padding explicit.
 unsafe impl Pod for Config {}
 
 /// Counters the program keeps (summed over CPUs).
@@ -101,8 +105,6 @@ struct Attached {
 #[derive(Default)]
 struct Synced {
     frontends: HashSet<L4Key>,
-    frontend_ips: HashSet<u32>,
-    backends: HashSet<L4Key>,
     node_ports: HashSet<L4Key>,
     node_ips: HashSet<u32>,
     host_addrs: HashSet<u32>,
@@ -116,6 +118,71 @@ pub struct Steering {
     ebpf: Ebpf,
     ports: std::collections::BTreeMap<String, Attached>,
     synced: Synced,
+    index_seed: u64,
+    index_mask: u32,
+}
+
+/// The `reply_index` map's values, mapped shared into kxp's memory: the
+/// workers write the reply index there and the program reads it.
+struct MappedIndex {
+    words: std::ptr::NonNull<AtomicU64>,
+    len_words: usize,
+    mapped: std::num::NonZeroUsize,
+}
+
+// SAFETY: the mapping is plain shared memory, accessed only through
+// `AtomicU64`s (from any thread); the pointer is owned by this value.
+unsafe impl Send for MappedIndex {}
+// SAFETY: as above: all access is atomic.
+unsafe impl Sync for MappedIndex {}
+
+impl MappedIndex {
+    fn map(fd: std::os::fd::BorrowedFd<'_>, buckets: usize) -> Result<Self, SteeringError> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let len_words = buckets * WORDS_PER_BUCKET;
+        let bytes = len_words * 8;
+        let page = 4096;
+        let mapped = std::num::NonZeroUsize::new(bytes.div_ceil(page) * page).expect("at least one bucket");
+        // SAFETY: maps `bytes` (rounded up to a page) of an mmapable BPF
+        // array whose values are `buckets` 128-byte buckets laid end to end
+        // from offset 0; the kernel refuses a longer mapping. The memory
+        // stays valid until `munmap` in Drop (the mapping holds the map),
+        // is page-aligned (so 8-aligned for AtomicU64) and zero-filled.
+        let ptr = unsafe {
+            mmap(
+                None,
+                mapped,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
+        }
+        .map_err(SteeringError::MapIndex)?;
+        Ok(MappedIndex {
+            words: ptr.cast(),
+            len_words,
+            mapped,
+        })
+    }
+}
+
+impl IndexMemory for MappedIndex {
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `words` points at `len_words` u64s of live, aligned,
+        // shared memory (see `map`); AtomicU64 has u64's layout and every
+        // access through it is atomic, so sharing it with the program and
+        // other threads is sound.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), self.len_words) }
+    }
+}
+
+impl Drop for MappedIndex {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped; no reference into it
+        // outlives `self` (they borrow from `words(&self)`).
+        let _ = unsafe { nix::sys::mman::munmap(self.words.cast(), self.mapped.get()) };
+    }
 }
 
 fn map_of<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, SteeringError>
@@ -188,18 +255,38 @@ fn key(ip: Ipv4Addr, port: u16, proto: Proto) -> L4Key {
 }
 
 impl Steering {
-    pub fn load() -> Result<Self, SteeringError> {
-        let ebpf = Ebpf::load(OBJECT).map_err(SteeringError::Load)?;
+    /// Loads the program with a reply index sized for `flow_capacity`
+    /// conntrack entries, and returns the index for the conntrack to keep
+    /// (`FlowState::with_reply_index`).
+    pub fn load(flow_capacity: usize) -> Result<(Self, ReplyIndex), SteeringError> {
+        let buckets = ReplyIndex::buckets_for(flow_capacity.max(1));
+        let bucket_count = u32::try_from(buckets).map_err(|_| SteeringError::Interface {
+            iface: "(reply index)".into(),
+            reason: format!("{flow_capacity} flows need more than 2^32 buckets"),
+        })?;
+        let ebpf = EbpfLoader::new()
+            .set_max_entries("reply_index", bucket_count)
+            .load(OBJECT)
+            .map_err(SteeringError::Load)?;
+        let map = ebpf.map("reply_index").ok_or(SteeringError::Missing("reply_index"))?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(SteeringError::Missing("reply_index"));
+        };
+        let memory = MappedIndex::map(data.fd().as_fd(), buckets)?;
+        let index =
+            ReplyIndex::over(Box::new(memory), ReplyIndex::random_seed()).expect("whole buckets, a power of two");
         let mut s = Steering {
             ebpf,
             ports: Default::default(),
             synced: Synced::default(),
+            index_seed: index.seed(),
+            index_mask: bucket_count - 1,
         };
         s.program()?.load().map_err(|source| SteeringError::Attach {
             iface: "(program)".into(),
             source,
         })?;
-        Ok(s)
+        Ok((s, index))
     }
 
     /// Attaches in native (driver) mode through a BPF link: the program goes
@@ -281,19 +368,18 @@ impl Steering {
             .map_err(|source| SteeringError::Map { map: "xsks", source })
     }
 
-    /// Makes the maps hold the tables' frontends, backends, node addresses,
+    /// Makes the maps hold the tables' frontends, node addresses,
     /// NodePorts, remote pod CIDRs and settings, writing only what changed
     /// since the last call.
     pub fn sync_from(&mut self, t: &Tables) -> Result<(), SteeringError> {
         let node = t.node();
         let cfg = Config {
-            snat_ip: be_ip(node.snat_ip),
-            snat_port_lo: node.snat_ports.0,
-            snat_port_hi: node.snat_ports.1,
+            index_seed: self.index_seed,
+            index_mask: self.index_mask,
             node_port_lo: node.node_port_range.0,
             node_port_hi: node.node_port_range.1,
             vxlan_port: node.vxlan.port,
-            pad: 0,
+            pad: [0; 3],
         };
         let mut settings: Array<&mut MapData, Config> = self.map("settings")?;
         settings.set(0, cfg, 0).map_err(|source| SteeringError::Map {
@@ -304,10 +390,6 @@ impl Steering {
         for svc in t.services() {
             for (Frontend { ip, port, proto }, _) in svc.frontends() {
                 want.frontends.insert(key(*ip, *port, *proto));
-                want.frontend_ips.insert(be_ip(*ip));
-            }
-            for ep in svc.endpoints() {
-                want.backends.insert(key(ep.addr.0.ip, ep.addr.0.port, svc.proto));
             }
             if let Some(np) = svc.node_port {
                 want.node_ports.insert(key(Ipv4Addr::UNSPECIFIED, np, svc.proto));
@@ -326,8 +408,6 @@ impl Steering {
         // retries only what is missing.
         let (ebpf, have) = (&mut self.ebpf, &mut self.synced);
         set_update(ebpf, "frontends", &mut have.frontends, &want.frontends)?;
-        set_update(ebpf, "frontend_ips", &mut have.frontend_ips, &want.frontend_ips)?;
-        set_update(ebpf, "backends", &mut have.backends, &want.backends)?;
         set_update(ebpf, "node_ports", &mut have.node_ports, &want.node_ports)?;
         set_update(ebpf, "node_ips", &mut have.node_ips, &want.node_ips)?;
         set_update(ebpf, "host_addrs", &mut have.host_addrs, &want.host_addrs)?;

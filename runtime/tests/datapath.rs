@@ -5,11 +5,10 @@
 
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use dataplane::addr::{BackendAddr, Endpoint, Mac, Proto, SvcId};
-use dataplane::flow::{CtConfig, FlowState};
+use dataplane::flow::CtConfig;
 use dataplane::tables::{EndpointInfo, NodeConfig, PortRole, ServiceSpec, Tables};
 use dataplane::Publisher;
 use lab::{node_ip, pod_ip, Lab};
@@ -95,8 +94,7 @@ fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
             zero_copy: true,
             host: None,
         };
-        let flows = Arc::new(FlowState::new(CtConfig::default()));
-        let dp = Datapath::start(&cfg, publisher.reader(), flows).expect("datapath starts");
+        let dp = Datapath::start(&cfg, publisher.reader(), CtConfig::default()).expect("datapath starts");
         let flood = in_ns(
             &client_ns,
             &[

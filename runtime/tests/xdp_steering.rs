@@ -5,7 +5,9 @@
 use std::net::Ipv4Addr;
 
 use dataplane::addr::{BackendAddr, Endpoint, Mac, Proto, SvcId};
+use dataplane::flow::{CtConfig, CtState, Entry, FlowKey, FlowState};
 use dataplane::tables::{EndpointInfo, NodeConfig, PortRole, RemoteNode, ServiceSpec, Tables};
+use dataplane::time::Time;
 use lab::{node_ip, Lab};
 use runtime::Steering;
 
@@ -37,6 +39,21 @@ fn tables() -> Tables {
     t
 }
 
+/// Sends three datagrams from `ns`, port `from_port`, to `to`; returns how
+/// many more frames the program redirected meanwhile.
+fn redirected_by(s: &mut Steering, ns: &str, from_port: u16, to: (Ipv4Addr, u16)) -> u64 {
+    let before = s.stats().unwrap().redirected;
+    lab::in_namespace(ns, move || {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", from_port)).unwrap();
+        for _ in 0..3 {
+            sock.send_to(b"x", to).unwrap();
+        }
+    })
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    s.stats().unwrap().redirected - before
+}
+
 #[test]
 fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     if !lab::root_or_skip() {
@@ -44,14 +61,15 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     }
     let lab = Lab::build(1, 1).expect("lab builds");
     let node = lab.nodes[0].host.clone();
-    let mut steering = lab::in_namespace(&node.ns, || {
-        let mut s = Steering::load()?;
+    let (mut steering, replies) = lab::in_namespace(&node.ns, || {
+        let (mut s, replies) = Steering::load(1000)?;
         s.attach("eth0", PortRole::Uplink)?;
         s.sync_from(&tables())?;
-        Ok::<_, runtime::SteeringError>(s)
+        Ok::<_, runtime::SteeringError>((s, replies))
     })
     .unwrap()
     .expect("steering attaches");
+    let flows = FlowState::with_reply_index(CtConfig::default(), replies);
     assert!(node.xdp_attached(), "program attached to eth0");
 
     // The node's own traffic (ICMP to its address) goes to the kernel.
@@ -72,8 +90,48 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     let after = steering.stats().unwrap();
     assert!(after.redirected >= 5, "{after:?}");
 
+    // Replies are kxp's by exact match against the reply index its
+    // conntrack keeps: the flow's reply tuple, and nothing next to it.
+    let client = Endpoint::new(lab.client.ip, 4000);
+    let rep = FlowKey::new(client, Endpoint::new(node_ip(1), 5000), Proto::Udp);
+    flows
+        .conntrack
+        .insert(
+            Time::ZERO,
+            Entry::new(rep.reversed(), rep, SvcId(1), 0, CtState::UdpUnreplied),
+            |i| (i == 0).then_some(rep),
+        )
+        .expect("flow inserted");
+    let client_ns = lab.client.ns.clone();
+    let sent =
+        |s: &mut Steering, from_port: u16, to_port: u16| redirected_by(s, &client_ns, from_port, (node_ip(1), to_port));
+    assert_eq!(sent(&mut steering, 4000, 5000), 3, "the reply tuple is steered");
+    assert_eq!(sent(&mut steering, 4001, 5000), 0, "another source port is not");
+    assert_eq!(sent(&mut steering, 4000, 5001), 0, "another destination port is not");
+    // An ICMP error quoting a packet of that flow is kxp's; the node's own
+    // socket's is not. The client's stack answers the node's datagrams to
+    // a closed port with port unreachable, quoting them.
+    let to_client = (lab.client.ip, 4000);
+    assert_eq!(
+        redirected_by(&mut steering, &node.ns, 5000, to_client),
+        3,
+        "errors about kxp's flow are kxp's"
+    );
+    assert_eq!(
+        redirected_by(&mut steering, &node.ns, 5002, to_client),
+        0,
+        "errors about the node's own socket are the kernel's"
+    );
+    flows.conntrack.remove(&rep.reversed());
+    assert_eq!(
+        sent(&mut steering, 4000, 5000),
+        0,
+        "a removed flow's replies are the kernel's again"
+    );
+
     // Traffic for another node's pods is kxp's only when it comes from a
     // pod interface; from the uplink it stays the kernel's.
+    let after = steering.stats().unwrap();
     lab.client
         .exec(&["ip", "route", "add", "10.77.9.0/24", "via", &node_ip(1).to_string()])
         .unwrap();

@@ -185,6 +185,12 @@ impl Worker {
                 if let Some(v) = self.icmp_error(now, t, frame, pkt, m)? {
                     return Ok(v);
                 }
+                // The steering program takes an error from the uplink only
+                // when it quotes a flow of kxp's; one that no longer does
+                // (or was forged to look so) is netfilter's INVALID.
+                if pkt.origin == Origin::Uplink {
+                    return Err(DropReason::StrayIcmpError);
+                }
             }
         }
         self.forward_plain(t, frame, pkt)

@@ -283,6 +283,7 @@ impl Worker {
             }
             Err(InsertError::NoReplyTuple) => return Err(DropReason::SnatExhausted),
             Err(InsertError::Full) => return Err(DropReason::ConntrackFull),
+            Err(InsertError::IndexFull) => return Err(DropReason::ReplyIndexFull),
         };
         self.translate(t, frame, pkt, l4, rep.dst(), rep.src())
     }

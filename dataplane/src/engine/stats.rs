@@ -44,7 +44,9 @@ drop_reasons! {
     RejectRateLimited => "reject_rate_limited", "Service has no endpoints; the ICMP/RST answer was rate limited.";
     SnatExhausted => "snat_exhausted", "No free SNAT port toward this backend.";
     ConntrackFull => "conntrack_full", "Conntrack shard full of flows still being created.";
+    ReplyIndexFull => "reply_index_full", "No room in the steering program's reply index for the flow's reply tuple (its replies could not reach kxp).";
     StrayTcp => "stray_tcp", "RST, FIN or SYN-ACK for a flow kxp does not track (netfilter: INVALID).";
+    StrayIcmpError => "stray_icmp_error", "ICMP error from the uplink quoting a flow kxp does not track (netfilter: INVALID).";
     InvalidTcpFlags => "invalid_tcp_flags", "A TCP flag combination no real stack sends (no flags, SYN+FIN, ...; netfilter: INVALID).";
     BadL4Checksum => "bad_l4_checksum", "TCP/UDP checksum wrong on a packet that would create or change a flow.";
     UnknownPort => "unknown_port", "Frame from a port the tables do not describe.";

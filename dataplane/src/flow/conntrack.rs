@@ -32,6 +32,7 @@ use hashbrown::HashTable;
 use parking_lot::Mutex;
 
 use super::key::FlowKey;
+use super::reply_index::ReplyIndex;
 use super::tcp::{CtState, Timeouts};
 use crate::addr::SvcId;
 use crate::time::Time;
@@ -166,6 +167,9 @@ pub enum InsertError {
     NoReplyTuple,
     /// The shard is full of live assured flows (none may be evicted).
     Full,
+    /// The reply index had no room for the reply tuple, so its replies
+    /// could not be steered to kxp.
+    IndexFull,
 }
 
 /// What an insertion did besides inserting.
@@ -193,6 +197,16 @@ pub struct Conntrack {
     hasher: ahash::RandomState,
     timeouts: Timeouts,
     sweep_cursor: AtomicUsize,
+    /// Every reply tuple with a link, for the steering program.
+    replies: ReplyIndex,
+}
+
+/// What claiming a reply tuple did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Claim {
+    Claimed,
+    InUse,
+    IndexFull,
 }
 
 /// Flows per shard at capacity: with two index elements per flow spread over
@@ -206,7 +220,14 @@ const EVICTION_SAMPLE: usize = 16;
 const EVICTION_SCAN: usize = 512;
 
 impl Conntrack {
+    /// A table whose reply index nobody else reads.
     pub fn new(config: CtConfig) -> Self {
+        Self::with_reply_index(config, ReplyIndex::in_memory(config.capacity.max(1)))
+    }
+
+    /// A table that keeps `replies` holding exactly its flows' reply
+    /// tuples (see `reply_index`).
+    pub fn with_reply_index(config: CtConfig, replies: ReplyIndex) -> Self {
         let capacity = config.capacity.max(1);
         let n = capacity.div_ceil(FLOWS_PER_SHARD).clamp(1, 4096);
         let per_shard = capacity.div_ceil(n);
@@ -227,7 +248,12 @@ impl Conntrack {
             hasher: ahash::RandomState::new(),
             timeouts: config.timeouts,
             sweep_cursor: AtomicUsize::new(0),
+            replies,
         }
+    }
+
+    pub fn reply_index(&self) -> &ReplyIndex {
+        &self.replies
     }
 
     pub fn timeouts(&self) -> &Timeouts {
@@ -319,6 +345,7 @@ impl Conntrack {
         let mut s = self.shards[self.shard_index(h)].lock();
         if let Ok(occ) = s.index.find_entry(h, |(k, v)| k == rep && *v == want) {
             occ.remove();
+            self.replies.remove(rep);
         }
     }
 
@@ -381,11 +408,16 @@ impl Conntrack {
         // 2. Claim a reply tuple by inserting its link.
         let link = LINK | (fi * self.per_shard + slot) as u32;
         let mut claimed = None;
+        let mut index_full = false;
         for i in 0.. {
             let Some(rep) = candidates(i) else { break };
-            if self.claim(now, rep, link) {
-                claimed = Some(rep);
-                break;
+            match self.claim(now, rep, link) {
+                Claim::Claimed => {
+                    claimed = Some(rep);
+                    break;
+                }
+                Claim::InUse => {}
+                Claim::IndexFull => index_full = true,
             }
         }
         between();
@@ -393,7 +425,11 @@ impl Conntrack {
         let mut s = self.shards[fi].lock();
         let Some(rep) = claimed else {
             s.free_slot(slot);
-            return Err(InsertError::NoReplyTuple);
+            return Err(if index_full {
+                InsertError::IndexFull
+            } else {
+                InsertError::NoReplyTuple
+            });
         };
         if s.index.find(fh, |(k, _)| *k == entry.fwd).is_some() {
             s.free_slot(slot);
@@ -413,26 +449,32 @@ impl Conntrack {
         })
     }
 
-    /// Inserts link `rep -> link` unless `rep` is in use by a live flow or
-    /// by one being inserted. A flow that has finished (TIME_WAIT, CLOSE)
-    /// gives its tuple up to the new one, as netfilter replaces it.
-    fn claim(&self, now: Time, rep: FlowKey, link: u32) -> bool {
+    /// Inserts link `rep -> link` (and `rep` into the reply index) unless
+    /// `rep` is in use by a live flow or by one being inserted. A flow that
+    /// has finished (TIME_WAIT, CLOSE) gives its tuple up to the new one, as
+    /// netfilter replaces it.
+    fn claim(&self, now: Time, rep: FlowKey, link: u32) -> Claim {
         for attempt in 0..3 {
             let h = self.hash(&rep);
             {
                 let mut s = self.shards[self.shard_index(h)].lock();
                 match s.index.find(h, |(k, _)| *k == rep) {
                     None => {
+                        // Under the lock of `rep`'s shard, like its unlink:
+                        // the index sees one key's adds and removes in order.
+                        if !self.replies.insert(&rep) {
+                            return Claim::IndexFull;
+                        }
                         let hasher = &self.hasher;
                         s.index.insert_unique(h, (rep, link), |(k, _)| hasher.hash_one(k));
-                        return true;
+                        return Claim::Claimed;
                     }
-                    Some(&(_, v)) if v & LINK == 0 => return false,
+                    Some(&(_, v)) if v & LINK == 0 => return Claim::InUse,
                     Some(_) => {}
                 }
             }
             if attempt == 2 {
-                return false;
+                return Claim::InUse;
             }
             // A link: a dead flow's leftover (the lookup removes it), a
             // finished flow (replaced), or in use.
@@ -441,10 +483,10 @@ impl Conntrack {
                 Found::Ran(Some(fwd)) => {
                     self.remove(&fwd);
                 }
-                Found::Ran(None) | Found::Pending => return false,
+                Found::Ran(None) | Found::Pending => return Claim::InUse,
             }
         }
-        false
+        Claim::InUse
     }
 
     /// Removes the flow whose forward key is `fwd`.
@@ -640,6 +682,69 @@ mod tests {
             Err(InsertError::NoReplyTuple)
         );
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn the_reply_index_holds_exactly_the_live_reply_tuples() {
+        let c = ct(64);
+        let idx = c.reply_index();
+        let flow = |i: u8| (key(i, 1000, 1, 80), key(9, 8080, i, 1000));
+        for i in 1..=3 {
+            let (f, r) = flow(i);
+            add(&c, Time::ZERO, f, r, CtState::SynSent).unwrap();
+            assert!(idx.contains(&r) && !idx.contains(&f), "only the reply tuple is steered");
+        }
+        // Removed by hand, by expiry on lookup, by the sweep: gone from the index.
+        c.remove(&flow(1).0);
+        assert!(!idx.contains(&flow(1).1));
+        let later = Time::ZERO + c.timeouts().unassured;
+        assert!(c.with_flow(later, &flow(2).1, |_, _| ()).is_none());
+        assert!(!idx.contains(&flow(2).1));
+        let mut scratch = Vec::new();
+        for _ in 0..c.shards.len() {
+            c.sweep(later, &mut scratch);
+        }
+        assert_eq!((c.len(), idx.len()), (0, 0));
+        // A finished flow whose tuple a new one claims: the tuple stays, now the new flow's.
+        let (f, r) = flow(4);
+        add(&c, later, f, r, CtState::TimeWait).unwrap();
+        add(&c, later, key(5, 1, 1, 80), r, CtState::SynSent).unwrap();
+        assert_eq!(c.with_flow(later, &r, |_, e| e.fwd), Some(key(5, 1, 1, 80)));
+        assert_eq!(idx.len(), 1);
+        // A full shard evicting an unassured flow takes its tuple out too.
+        let c = ct(1);
+        add(&c, Time::ZERO, flow(6).0, flow(6).1, CtState::SynSent).unwrap();
+        assert!(
+            add(&c, Time::ZERO, flow(7).0, flow(7).1, CtState::SynSent)
+                .unwrap()
+                .evicted
+        );
+        let idx = c.reply_index();
+        assert!(!idx.contains(&flow(6).1) && idx.contains(&flow(7).1));
+        assert_eq!(idx.len(), 1);
+    }
+
+    #[test]
+    fn a_reply_tuple_the_index_cannot_hold_refuses_the_flow() {
+        let one_bucket: Box<[std::sync::atomic::AtomicU64]> = (0..super::super::reply_index::WORDS_PER_BUCKET)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        let c = Conntrack::with_reply_index(
+            CtConfig {
+                capacity: 1000,
+                ..CtConfig::default()
+            },
+            ReplyIndex::over(Box::new(one_bucket), 1).unwrap(),
+        );
+        for i in 1..=8 {
+            add(&c, Time::ZERO, key(i, 1, 1, 80), key(9, 80, i, 1), CtState::SynSent).unwrap();
+        }
+        assert_eq!(
+            add(&c, Time::ZERO, key(20, 1, 1, 80), key(9, 80, 20, 1), CtState::SynSent),
+            Err(InsertError::IndexFull)
+        );
+        assert_eq!(c.len(), 8, "the refused flow left nothing behind");
+        assert!(c.with_flow(Time::ZERO, &key(9, 80, 20, 1), |_, _| ()).is_none());
     }
 
     #[test]

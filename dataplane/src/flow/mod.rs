@@ -15,6 +15,7 @@ pub mod affinity;
 pub mod conntrack;
 pub mod fragments;
 pub mod key;
+pub mod reply_index;
 pub mod tcp;
 
 pub use affinity::Affinity;
@@ -34,8 +35,14 @@ pub struct FlowState {
 
 impl FlowState {
     pub fn new(config: CtConfig) -> Self {
+        Self::with_reply_index(config, reply_index::ReplyIndex::in_memory(config.capacity.max(1)))
+    }
+
+    /// Flow state whose conntrack keeps `replies` (e.g. memory the XDP
+    /// steering program reads) holding its flows' reply tuples.
+    pub fn with_reply_index(config: CtConfig, replies: reply_index::ReplyIndex) -> Self {
         FlowState {
-            conntrack: Conntrack::new(config),
+            conntrack: Conntrack::with_reply_index(config, replies),
             affinity: Affinity::new(config.affinity_capacity),
             fragments: fragments::Fragments::new(FRAGMENT_CAPACITY),
         }

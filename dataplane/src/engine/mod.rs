@@ -200,11 +200,11 @@ impl Worker {
     /// kernel's.
     fn forward_plain(&mut self, t: &Tables, frame: &mut Frame, mut pkt: Pkt) -> Result<Verdict, DropReason> {
         let routed = match pkt.origin {
-            // A pod's packet that is not a service's reaches kxp when the
-            // steering program cannot tell it from a reply kxp must NAT (a
-            // backend answering a direct connection, or a flow another node
-            // NATed): kxp routes it as the kernel would, except to this node,
-            // whose stack only the kernel can reach.
+            // A pod's packet that is not a service's reaches kxp when it is
+            // for another node's pod (kxp is the overlay) or was a reply of a
+            // flow that ended since the steering program looked: kxp routes
+            // it as the kernel would, except to this node, whose stack only
+            // the kernel can reach.
             Origin::Pod => !t.node().is_host_addr(pkt.ip.dst),
             Origin::Overlay => {
                 if t.local_pod(pkt.ip.dst).is_none() {

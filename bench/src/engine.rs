@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use dataplane::addr::{BackendAddr, Endpoint, Mac, PortId, Proto, SvcId};
 use dataplane::craft::{self, Spec, HEADROOM};
-use dataplane::flow::{CtConfig, FlowState};
+use dataplane::flow::reply_index::{ReplyIndex, WORDS_PER_BUCKET};
+use dataplane::flow::{CtConfig, FlowKey, FlowState};
 use dataplane::tables::{EndpointInfo, LocalPod, NodeConfig, PortInfo, PortRole, RemoteNode, ServiceSpec, Tables};
 use dataplane::wire::l4::{TCP_ACK, TCP_SYN};
 use dataplane::{Frame, Publisher, Reader, Time, Verdict, Worker};
@@ -443,6 +444,8 @@ fn measure_size(args: &Args, services: usize) -> Value {
     let enc = run_frames(&mut w, &reader, &encap, args.packets, |i| i % HOT.min(flows), &mut now);
     let dec = run_frames(&mut w, &reader, &decap, args.packets, |i| i % HOT.min(flows), &mut now);
     let dropped = w.stats.total_drops();
+    let (index_insert, index_remove) = reply_index_cost(capacity, flows);
+    let index_bytes = state.conntrack.reply_index().buckets() * WORDS_PER_BUCKET * 8;
 
     // Control-plane updates while a worker on the other core forwards.
     let (add, remove) = if args.no_updates {
@@ -481,7 +484,36 @@ fn measure_size(args: &Args, services: usize) -> Value {
         "remove_one_endpoint_us": remove,
         "conntrack_capacity": state.conntrack.capacity(),
         "conntrack_bytes_per_entry": round(ct_bytes as f64 / live as f64, 1),
+        "reply_index_bytes_per_entry": round(index_bytes as f64 / live as f64, 1),
+        "reply_index_insert_ns": round(index_insert, 1),
+        "reply_index_remove_ns": round(index_remove, 1),
     })
+}
+
+/// What exact-match steering adds to each flow: one reply-index insert when
+/// it starts and one remove when it ends (both already inside the new-flow
+/// and expiry figures; timed alone here, `flows` keys into an index sized
+/// for `capacity`, in random order).
+fn reply_index_cost(capacity: usize, flows: usize) -> (f64, f64) {
+    let idx = ReplyIndex::in_memory(capacity);
+    let keys: Vec<FlowKey> = shuffled(flows)
+        .into_iter()
+        .map(|k| {
+            let (ip, port) = client(k as usize);
+            FlowKey::new(Endpoint::new(pod_ip(k as u8), 80), Endpoint::new(ip, port), Proto::Tcp)
+        })
+        .collect();
+    let start = Instant::now();
+    for k in &keys {
+        assert!(idx.insert(black_box(k)), "bench setup: the reply index refused a key");
+    }
+    let insert = start.elapsed().as_nanos() as f64 / flows as f64;
+    let start = Instant::now();
+    for k in &keys {
+        idx.remove(black_box(k));
+    }
+    let remove = start.elapsed().as_nanos() as f64 / flows as f64;
+    (insert, remove)
 }
 
 pub fn run(args: &Args) {
@@ -573,6 +605,9 @@ fn print_table(r: &Value) {
     }
     for key in [
         "conntrack_bytes_per_entry",
+        "reply_index_bytes_per_entry",
+        "reply_index_insert_ns",
+        "reply_index_remove_ns",
         "live_flows",
         "table_build_s",
         "allocations_per_established_packet",

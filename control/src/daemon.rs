@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::health::{self, BindError, HealthCheckServers};
 use crate::kube_source::KubeSource;
 use crate::metrics::Metrics;
-use crate::runner::{HostObserver, PublishHook, SyncLoop, SyncPolicy, SyncStatus};
+use crate::runner::{HostObserver, KernelFacts, PublishHook, SyncLoop, SyncPolicy, SyncStatus};
 use crate::source::{ManifestSource, Source};
 use crate::sync::Syncer;
 
@@ -63,6 +63,8 @@ pub enum DaemonError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Datapath(#[from] runtime::DatapathError),
+    #[error("cannot follow the kernel's interface and neighbour changes: {0}")]
+    Netlink(#[from] runtime::netlink::NetlinkError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -126,7 +128,14 @@ fn host_observer(dp: Arc<Mutex<Datapath>>, cfg: &Config) -> HostObserver {
         let ports = {
             let mut dp = lock(&dp);
             let mut wanted = fixed.clone();
-            let links = host::links();
+            let links = match host::links() {
+                Ok(links) => links,
+                Err(e) => {
+                    // Never read as "every pod is gone": keep what runs.
+                    tracing::warn!(error = %e, "cannot list interfaces; pod ports unchanged");
+                    return None;
+                }
+            };
             wanted.extend(host::interfaces_with_prefixes(&links, &prefixes));
             wanted.sort();
             wanted.dedup();
@@ -192,7 +201,16 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
             let publish_dp = dp.clone();
             let hook: PublishHook =
                 Box::new(move |t: &Tables| lock(&publish_dp).on_publish(t).map_err(|e| e.to_string()));
-            let observer = host_observer(dp.clone(), cfg);
+            let changed = Arc::new(Notify::new());
+            let poke = changed.clone();
+            runtime::netlink::watch(move || {
+                poke.notify_one();
+                true
+            })?;
+            let observer = KernelFacts {
+                observe: host_observer(dp.clone(), cfg),
+                changed,
+            };
             datapath = Some(dp);
             (Some(hook), Some(observer))
         }

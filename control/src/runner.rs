@@ -63,8 +63,20 @@ pub type PublishHook = Box<dyn FnMut(&dataplane::Tables) -> Result<(), String> +
 /// cannot be read this time.
 pub type HostObserver = Box<dyn FnMut(&dataplane::Tables) -> Option<runtime::host::HostFacts> + Send>;
 
-/// How often the kernel's facts are re-read.
-const HOST_EVERY: Duration = Duration::from_secs(1);
+/// The kernel's facts for the sync loop: how to read them, and a poke
+/// each time the kernel reports a change (links, addresses, routes,
+/// neighbours; see `runtime::netlink::watch`).
+pub struct KernelFacts {
+    pub observe: HostObserver,
+    pub changed: Arc<Notify>,
+}
+
+/// How often the loop looks at whether the dataplane is behind (retrying
+/// its maps) and whether the backstop read is due.
+const TICK: Duration = Duration::from_secs(1);
+/// The kernel's facts are re-read on every change it reports, after every
+/// publish, and at least this often (a backstop for a lost notification).
+const HOST_BACKSTOP: Duration = Duration::from_secs(10);
 
 pub struct SyncLoop {
     pub source: Arc<dyn Source>,
@@ -79,9 +91,8 @@ pub struct SyncLoop {
     /// Called with the new tables after every publish (e.g. to refill the
     /// XDP program's maps).
     pub on_publish: Option<PublishHook>,
-    /// The kernel's facts, re-read every `HOST_EVERY`; `None` without a
-    /// datapath.
-    pub host: Option<HostObserver>,
+    /// The kernel's facts; `None` without a datapath.
+    pub host: Option<KernelFacts>,
 }
 
 impl SyncLoop {
@@ -92,19 +103,29 @@ impl SyncLoop {
         let mut last_full: Option<Instant> = None;
         let mut triggers: HashMap<ObjectKey, String> = HashMap::new();
         let mut health_ports: BTreeMap<String, u16> = BTreeMap::new();
-        let mut host_tick = tokio::time::interval(HOST_EVERY);
-        host_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The kernel's facts before the first sync: once healthy, kxp knows
         // its ports, pods and next hops.
-        host_tick.tick().await;
+        tick.tick().await;
         self.refresh_host();
+        let mut host_read = Instant::now();
+        let kernel_changed = self.host.as_ref().map(|h| h.changed.clone());
         loop {
             let next_full = last_full.map_or(Duration::ZERO, |t| self.policy.full_every.saturating_sub(t.elapsed()));
             tokio::select! {
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(next_full) => {}
-                _ = host_tick.tick(), if self.host.is_some() || self.dataplane_behind() => {
+                _ = async { kernel_changed.as_ref().expect("guarded").notified().await }, if kernel_changed.is_some() => {
                     self.refresh_host();
+                    host_read = Instant::now();
+                    continue;
+                }
+                _ = tick.tick(), if self.host.is_some() || self.dataplane_behind() => {
+                    if host_read.elapsed() >= HOST_BACKSTOP {
+                        self.refresh_host();
+                        host_read = Instant::now();
+                    }
                     if self.dataplane_behind() {
                         self.publish_to_dataplane();
                     }
@@ -186,10 +207,10 @@ impl SyncLoop {
     }
 
     fn refresh_host(&mut self) {
-        let Some(observe) = self.host.as_mut() else {
+        let Some(host) = self.host.as_mut() else {
             return;
         };
-        let Some(facts) = observe(&self.syncer.publisher().reader().load()) else {
+        let Some(facts) = (host.observe)(&self.syncer.publisher().reader().load()) else {
             return;
         };
         if self.syncer.apply_host(facts).is_some() {

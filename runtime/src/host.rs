@@ -4,14 +4,17 @@
 //! results and asks the kernel to keep the next hops it needs resolved
 //! ("managed" neighbour entries, Linux 5.16+), never answering ARP itself.
 //!
-//! Read from /proc/thread-self/net and with `ip` (netlink), both of which
-//! follow the calling thread's network namespace.
+//! Read over rtnetlink (`netlink`), in the calling thread's network
+//! namespace. A failed read is an error: the caller keeps what it knew.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use dataplane::addr::{Cidr, Mac, PortId};
 use dataplane::tables::{LocalPod, PortInfo, PortRole, Tables};
+
+pub use crate::netlink::LinkInfo;
+use crate::netlink::{NetlinkError, Rtnl};
 
 /// One interface kxp serves, in `PortId` order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,21 +51,10 @@ pub struct HostFacts {
 pub enum HostError {
     #[error("interface {0} does not exist in this network namespace; check kxp.interfaces / kxp.podInterfaces")]
     NoInterface(String),
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read the kernel's interfaces, routes or neighbours: {0}")]
+    Netlink(#[from] NetlinkError),
     #[error("exactly one uplink interface is needed, found {0}")]
     Uplinks(usize),
-}
-
-fn read(path: &str) -> Result<String, HostError> {
-    std::fs::read_to_string(path).map_err(|source| HostError::Read {
-        path: path.to_string(),
-        source,
-    })
 }
 
 pub fn parse_mac(s: &str) -> Option<Mac> {
@@ -74,142 +66,44 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
     parts.next().is_none().then_some(Mac(m))
 }
 
-/// What kxp needs to know about one interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkInfo {
-    pub ifindex: u32,
-    pub mac: Mac,
-    pub mtu: u16,
-    pub rx_queues: u32,
-    pub xdp_attached: bool,
+/// Every interface in the calling thread's network namespace, by name.
+pub fn links() -> Result<HashMap<String, LinkInfo>, HostError> {
+    Ok(Rtnl::open()?.links()?)
 }
 
-/// Runs `ip ARGS` (netlink, in the calling thread's network namespace):
-/// its output, or its error message.
-pub(crate) fn ip(args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip (install iproute2): {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
-/// Every interface in the calling thread's network namespace, by name, from
-/// one `ip -d -o link show` (netlink; /sys/class/net would show the
-/// namespace sysfs was mounted in).
-pub fn links() -> HashMap<String, LinkInfo> {
-    ip(&["-d", "-o", "link", "show"])
-        .unwrap_or_default()
-        .lines()
-        .filter_map(parse_link)
-        .collect()
-}
-
-/// One interface, or `None` when it does not exist in this namespace.
+/// One interface, or `None` when it does not exist in this namespace (or
+/// the kernel cannot be asked).
 pub fn link_info(name: &str) -> Option<LinkInfo> {
-    ip(&["-d", "-o", "link", "show", "dev", name])
-        .ok()?
-        .lines()
-        .find_map(parse_link)
-        .map(|(_, l)| l)
-}
-
-/// One line of `ip -d -o link show`: "12: vp1_0@if2: <...> mtu 1500 ...".
-fn parse_link(line: &str) -> Option<(String, LinkInfo)> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1));
-    let name = words.get(1)?.trim_end_matches(':').split('@').next()?.to_string();
-    let info = LinkInfo {
-        ifindex: words.first()?.trim_end_matches(':').parse().ok()?,
-        mac: after("link/ether").and_then(|m| parse_mac(m)).unwrap_or_default(),
-        mtu: after("mtu").and_then(|n| n.parse().ok()).unwrap_or(1500),
-        rx_queues: after("numrxqueues").and_then(|n| n.parse().ok()).unwrap_or(1),
-        xdp_attached: words
-            .iter()
-            .any(|w| w.starts_with("prog/xdp") || *w == "xdp" || *w == "xdpgeneric"),
-    };
-    Some((name, info))
-}
-
-/// One line of /proc/net/route (IPv4 FIB main table).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Route<'a> {
-    iface: &'a str,
-    dst: Ipv4Addr,
-    gateway: Ipv4Addr,
-    prefix_len: u8,
-}
-
-/// /proc/net/route prints addresses as host-order hex of the network-order
-/// word, i.e. little-endian on x86: "0100A8C0" is 192.168.0.1.
-fn proc_ip(hex: &str) -> Option<Ipv4Addr> {
-    let v = u32::from_str_radix(hex, 16).ok()?;
-    Some(Ipv4Addr::from(v.to_le_bytes()))
-}
-
-fn routes(text: &str) -> Vec<Route<'_>> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let mask = proc_ip(f.get(7)?)?;
-            Some(Route {
-                iface: f.first()?,
-                dst: proc_ip(f.get(1)?)?,
-                gateway: proc_ip(f.get(2)?)?,
-                prefix_len: u32::from(mask).count_ones() as u8,
-            })
-        })
-        .collect()
-}
-
-/// Complete entries of /proc/net/arp: (ip, mac, device).
-fn arp(text: &str) -> Vec<(Ipv4Addr, Mac, &str)> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let flags = u32::from_str_radix(f.get(2)?.trim_start_matches("0x"), 16).ok()?;
-            // ATF_COM: the entry is resolved.
-            if flags & 0x2 == 0 {
-                return None;
-            }
-            Some((f.first()?.parse().ok()?, parse_mac(f.get(3)?)?, *f.get(5)?))
-        })
-        .collect()
-}
-
-/// Every IPv4 address of this host as (interface, address, prefix length),
-/// from `ip -4 -o addr show`.
-fn addresses() -> Vec<(String, Ipv4Addr, u8)> {
-    ip(&["-4", "-o", "addr", "show"])
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let at = f.iter().position(|w| *w == "inet")?;
-            let (ip, len) = f.get(at + 1)?.split_once('/')?;
-            Some((f.get(1)?.to_string(), ip.parse().ok()?, len.parse().ok()?))
-        })
-        .collect()
+    links().ok()?.get(name).copied()
 }
 
 /// The first IPv4 address of `iface`.
 pub fn first_ipv4(iface: &str) -> Option<Ipv4Addr> {
-    addresses()
+    let mut rtnl = Rtnl::open().ok()?;
+    let index = rtnl.links().ok()?.get(iface)?.ifindex;
+    rtnl.addresses()
+        .ok()?
         .into_iter()
-        .find(|(dev, _, _)| dev == iface)
-        .map(|(_, ip, _)| ip)
+        .find(|a| a.ifindex == index)
+        .map(|a| a.ip)
 }
 
 /// Reads the kernel's view for `ports` (by `PortId`, holes where ports
 /// were removed; exactly one uplink). A pod port whose interface has just
 /// vanished reads as a hole; a missing uplink is an error.
 pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFacts, HostError> {
+    Ok(read(&mut Rtnl::open()?, ports, vxlan_device)?.facts)
+}
+
+/// One read of the kernel: the facts, and the local pods whose MAC the
+/// kernel has not resolved yet (by address and interface index).
+struct Reading {
+    facts: HostFacts,
+    unresolved_pods: Vec<(Ipv4Addr, u32)>,
+    uplink_index: u32,
+}
+
+fn read(rtnl: &mut Rtnl, ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<Reading, HostError> {
     let is = |p: &Option<PortSpec>, role| p.as_ref().is_some_and(|p| p.role == role);
     let uplinks: Vec<usize> = (0..ports.len()).filter(|&i| is(&ports[i], PortRole::Uplink)).collect();
     if uplinks.len() != 1 {
@@ -222,14 +116,21 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
         vlan: None,
         role: PortRole::Pod,
     };
-    let links = links();
+    let links = rtnl.links()?;
     let mut infos = Vec::with_capacity(ports.len());
     let mut uplink_mtu = 1500;
-    for p in ports {
+    // Pod ports by interface index.
+    let mut pod_port_of = HashMap::new();
+    for (i, p) in ports.iter().enumerate() {
         let info = match p {
             Some(p) => match links.get(&p.name).copied() {
-                Some(link) if p.role == PortRole::Uplink => {
-                    uplink_mtu = link.mtu;
+                Some(link) => {
+                    if p.role == PortRole::Uplink {
+                        uplink_mtu = link.mtu;
+                    }
+                    if p.role == PortRole::Pod {
+                        pod_port_of.insert(link.ifindex, PortId(i as u16));
+                    }
                     PortInfo {
                         name: p.name.clone(),
                         mac: link.mac,
@@ -237,12 +138,6 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
                         role: p.role,
                     }
                 }
-                Some(link) => PortInfo {
-                    name: p.name.clone(),
-                    mac: link.mac,
-                    vlan: None,
-                    role: p.role,
-                },
                 None if p.role == PortRole::Uplink => return Err(HostError::NoInterface(p.name.clone())),
                 None => hole.clone(),
             },
@@ -250,48 +145,42 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
         };
         infos.push(info);
     }
-    let up_name = infos[uplinks[0]].name.clone();
-    let up_name = up_name.as_str();
-    let route_text = read("/proc/thread-self/net/route")?;
-    let arp_text = read("/proc/thread-self/net/arp")?;
-    let rt = routes(&route_text);
-    let neigh = arp(&arp_text);
-    let addrs = addresses();
-    let (uplink_ip, uplink_subnet) = match addrs.iter().find(|(dev, _, _)| dev == up_name) {
-        Some((_, ip, len)) => (Some(*ip), Some(Cidr::of(*ip, *len))),
+    let uplink_index = links[&infos[uplinks[0]].name].ifindex;
+    let addrs = rtnl.addresses()?;
+    let routes = rtnl.routes()?;
+    let neigh = rtnl.neighbours()?;
+    let (uplink_ip, uplink_subnet) = match addrs.iter().find(|a| a.ifindex == uplink_index) {
+        Some(a) => (Some(a.ip), Some(Cidr::of(a.ip, a.prefix_len))),
         None => (None, None),
     };
-    let mut host_addrs: Vec<Ipv4Addr> = addrs.iter().map(|(_, ip, _)| *ip).collect();
+    let mut host_addrs: Vec<Ipv4Addr> = addrs.iter().map(|a| a.ip).collect();
     host_addrs.sort();
     host_addrs.dedup();
-    let gateway = rt
+    let gateway = routes
         .iter()
-        .find(|r| r.prefix_len == 0 && r.iface == up_name && !r.gateway.is_unspecified())
+        .find(|r| r.prefix_len == 0 && r.oif == uplink_index && !r.gateway.is_unspecified())
         .map(|r| r.gateway);
-    let port_of = |name: &str| {
-        ports
-            .iter()
-            .position(|p| p.as_ref().is_some_and(|p| p.name == name && p.role == PortRole::Pod))
-    };
-    let mac_on = |ip: Ipv4Addr, dev: &str| neigh.iter().find(|(i, _, d)| *i == ip && *d == dev).map(|(_, m, _)| *m);
+    let mac_on = |ip: Ipv4Addr, dev: u32| neigh.iter().find(|n| n.ip == ip && n.ifindex == dev).map(|n| n.mac);
     let mut local_pods = BTreeMap::new();
-    for r in rt.iter().filter(|r| r.prefix_len == 32 && r.gateway.is_unspecified()) {
-        if let (Some(i), Some(mac)) = (port_of(r.iface), mac_on(r.dst, r.iface)) {
-            local_pods.insert(
-                r.dst,
-                LocalPod {
-                    port: PortId(i as u16),
-                    mac,
-                },
-            );
+    let mut unresolved_pods = Vec::new();
+    for r in routes
+        .iter()
+        .filter(|r| r.prefix_len == 32 && r.gateway.is_unspecified())
+    {
+        let Some(&port) = pod_port_of.get(&r.oif) else { continue };
+        match mac_on(r.dst, r.oif) {
+            Some(mac) => {
+                local_pods.insert(r.dst, LocalPod { port, mac });
+            }
+            None => unresolved_pods.push((r.dst, r.oif)),
         }
     }
     let neighbors = neigh
         .iter()
-        .filter(|(_, _, d)| *d == up_name)
-        .map(|(ip, mac, _)| (*ip, *mac))
+        .filter(|n| n.ifindex == uplink_index)
+        .map(|n| (n.ip, n.mac))
         .collect();
-    Ok(HostFacts {
+    let facts = HostFacts {
         ports: infos,
         uplink,
         uplink_mtu,
@@ -306,28 +195,29 @@ pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFac
         vtep_mac: links.get(vxlan_device).map(|l| l.mac),
         local_pods,
         neighbors,
+    };
+    Ok(Reading {
+        facts,
+        unresolved_pods,
+        uplink_index,
     })
 }
 
 /// `observe`, then asks the kernel to resolve what the tables need and it
 /// has not resolved yet: the uplink next hop of every remote node, the
-/// gateway, and every local pod. Such requests are logged and retried on
-/// the next call; the facts returned are what the kernel knows now.
+/// gateway, and every local pod. It does not wait: the kernel's neighbour
+/// notification (see `netlink::watch`) brings the answer. Failed requests
+/// are logged and asked again on the next call.
 pub fn observe_for(ports: &[Option<PortSpec>], vxlan_device: &str, t: &Tables) -> Result<HostFacts, HostError> {
-    let facts = observe(ports, vxlan_device)?;
-    if request_missing(ports, &facts, t)? {
-        // ARP on a LAN answers within milliseconds: look again, so a new
-        // pod or next hop is usable now rather than at the next call.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        return observe(ports, vxlan_device);
-    }
-    Ok(facts)
+    let mut rtnl = Rtnl::open()?;
+    let reading = read(&mut rtnl, ports, vxlan_device)?;
+    request_missing(&mut rtnl, &reading, t);
+    Ok(reading.facts)
 }
 
 /// Asks for what `observe_for` wants resolved; true if anything was asked.
-fn request_missing(ports: &[Option<PortSpec>], facts: &HostFacts, t: &Tables) -> Result<bool, HostError> {
-    let mut asked = false;
-    let uplink = &facts.ports[usize::from(facts.uplink.0)].name;
+fn request_missing(rtnl: &mut Rtnl, reading: &Reading, t: &Tables) -> bool {
+    let facts = &reading.facts;
     let next_hop = |ip: Ipv4Addr| match facts.uplink_subnet {
         Some(s) if s.contains(ip) => Some(ip),
         _ => facts.gateway,
@@ -336,19 +226,18 @@ fn request_missing(ports: &[Option<PortSpec>], facts: &HostFacts, t: &Tables) ->
     wanted.extend(facts.gateway);
     wanted.sort();
     wanted.dedup();
-    for ip in wanted.into_iter().filter(|ip| !facts.neighbors.contains_key(ip)) {
-        asked = true;
-        if let Err(e) = keep_resolved(ip, uplink) {
-            tracing::warn!(%ip, dev = %uplink, error = %e, "cannot ask the kernel to resolve a next hop");
+    let mut asks: Vec<(Ipv4Addr, u32)> = wanted
+        .into_iter()
+        .filter(|ip| !facts.neighbors.contains_key(ip))
+        .map(|ip| (ip, reading.uplink_index))
+        .collect();
+    asks.extend(reading.unresolved_pods.iter().copied());
+    for &(ip, dev) in &asks {
+        if let Err(e) = rtnl.keep_resolved(ip, dev) {
+            tracing::warn!(%ip, ifindex = dev, error = %e, "cannot ask the kernel to resolve a neighbour");
         }
     }
-    for (ip, dev) in unresolved_pods(ports)? {
-        asked = true;
-        if let Err(e) = keep_resolved(ip, &dev) {
-            tracing::warn!(%ip, %dev, error = %e, "cannot ask the kernel to resolve a pod");
-        }
-    }
-    Ok(asked)
+    !asks.is_empty()
 }
 
 /// Names of the interfaces in this network namespace that start with one of
@@ -409,91 +298,9 @@ pub fn apply(t: &mut Tables, old: Option<&HostFacts>, new: &HostFacts) {
     }
 }
 
-/// Pods routed through pod ports whose MAC the kernel has not resolved yet.
-fn unresolved_pods(ports: &[Option<PortSpec>]) -> Result<Vec<(Ipv4Addr, String)>, HostError> {
-    let route_text = read("/proc/thread-self/net/route")?;
-    let arp_text = read("/proc/thread-self/net/arp")?;
-    let neigh = arp(&arp_text);
-    Ok(routes(&route_text)
-        .into_iter()
-        .filter(|r| r.prefix_len == 32 && r.gateway.is_unspecified())
-        .filter(|r| {
-            ports
-                .iter()
-                .flatten()
-                .any(|p| p.role == PortRole::Pod && p.name == r.iface)
-        })
-        .filter(|r| !neigh.iter().any(|(ip, _, d)| *ip == r.dst && *d == r.iface))
-        .map(|r| (r.dst, r.iface.to_string()))
-        .collect())
-}
-
-/// Asks the kernel to resolve `ip` on `dev` and keep it resolved (a
-/// managed neighbour entry): the kernel sends the ARP requests, kxp only
-/// reads the answer. Errors are returned for logging; a failed request is
-/// retried on the next observation.
-fn keep_resolved(addr: Ipv4Addr, dev: &str) -> Result<(), String> {
-    ip(&[
-        "-4",
-        "neigh",
-        "replace",
-        &addr.to_string(),
-        "dev",
-        dev,
-        "managed",
-        "extern_learn",
-    ])
-    .map(|_| ())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_proc_route() {
-        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                    eth0\t00000000\t014DA8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                    eth0\t004DA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-                    vp1_0\t02014D0A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
-        let r = routes(text);
-        assert_eq!(r.len(), 3);
-        assert_eq!(r[0].gateway, Ipv4Addr::new(192, 168, 77, 1));
-        assert_eq!(r[0].prefix_len, 0);
-        assert_eq!(r[1].dst, Ipv4Addr::new(192, 168, 77, 0));
-        assert_eq!(r[1].prefix_len, 24);
-        assert_eq!(
-            (r[2].iface, r[2].dst, r[2].prefix_len),
-            ("vp1_0", Ipv4Addr::new(10, 77, 1, 2), 32)
-        );
-    }
-
-    #[test]
-    fn parses_only_complete_arp_entries() {
-        let text = "IP address       HW type     Flags       HW address            Mask     Device\n\
-                    192.168.77.2     0x1         0x2         0e:00:00:00:00:02     *        eth0\n\
-                    192.168.77.3     0x1         0x0         00:00:00:00:00:00     *        eth0\n";
-        let a = arp(text);
-        assert_eq!(
-            a,
-            vec![(Ipv4Addr::new(192, 168, 77, 2), Mac([0x0e, 0, 0, 0, 0, 2]), "eth0")]
-        );
-    }
-
-    #[test]
-    fn parses_ip_link_lines() {
-        let line = "4: vp1_0@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 xdp qdisc noqueue state UP \\    \
-                    link/ether 6a:0d:3e:aa:bb:cc brd ff:ff:ff:ff:ff:ff link-netns p0 promiscuity 0 \
-                    prog/xdp id 42 numtxqueues 2 numrxqueues 2 gso_max_size 65536";
-        let (name, l) = parse_link(line).unwrap();
-        assert_eq!(name, "vp1_0");
-        assert_eq!((l.ifindex, l.mtu, l.rx_queues, l.xdp_attached), (4, 1500, 2, true));
-        assert_eq!(l.mac, Mac([0x6a, 0x0d, 0x3e, 0xaa, 0xbb, 0xcc]));
-        let tun =
-            "9: kxp0: <POINTOPOINT,NOARP,UP,LOWER_UP> mtu 1500 qdisc fq state UNKNOWN \\    link/none numrxqueues 1";
-        let (name, l) = parse_link(tun).unwrap();
-        assert_eq!((name.as_str(), l.mac, l.xdp_attached), ("kxp0", Mac::default(), false));
-    }
 
     #[test]
     fn mac_parsing_rejects_garbage() {

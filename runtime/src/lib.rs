@@ -10,6 +10,7 @@
 
 pub mod datapath;
 pub mod host;
+pub mod netlink;
 pub mod steering;
 pub mod tun;
 pub mod worker;

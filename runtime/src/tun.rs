@@ -15,6 +15,8 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use dataplane::addr::Cidr;
 
+use crate::netlink::Rtnl;
+
 /// Length of the Ethernet header the worker adds in front of TUN packets.
 pub const L2_LEN: usize = 14;
 
@@ -79,25 +81,31 @@ impl HostTun {
             file,
             name: name.to_string(),
         };
-        let ip = |args: &[&str], what: &str| -> Result<(), TunError> {
-            crate::host::ip(args).map(|_| ()).map_err(|reason| TunError::Route {
-                name: name.to_string(),
-                what: what.to_string(),
-                reason,
-            })
+        let route_err = |what: String| {
+            let name = name.to_string();
+            move |e: crate::netlink::NetlinkError| TunError::Route {
+                name,
+                what,
+                reason: e.to_string(),
+            }
         };
         // IPv4 only: no IPv6 link-local chatter into kxp.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        ip(&["link", "set", name, "up"], "(link up)")?;
+        let mut rtnl = Rtnl::open().map_err(route_err("(netlink)".into()))?;
+        let links = rtnl.links().map_err(route_err("(link)".into()))?;
+        let index = links.get(name).map(|l| l.ifindex).ok_or_else(|| TunError::Route {
+            name: name.to_string(),
+            what: "(link)".into(),
+            reason: "the device vanished as it was created".into(),
+        })?;
+        rtnl.set_up(index).map_err(route_err("(link up)".into()))?;
         for c in cidrs {
-            let cidr = c.to_string();
-            ip(
-                &["route", "replace", &cidr, "dev", name, "src", &src.to_string()],
-                &cidr,
-            )?;
+            rtnl.replace_route(*c, index, Some(src))
+                .map_err(route_err(c.to_string()))?;
         }
-        let back = format!("{HOST_SNAT_IP}/32");
-        ip(&["route", "replace", &back, "dev", name], &back)?;
+        let back = Cidr::of(HOST_SNAT_IP, 32);
+        rtnl.replace_route(back, index, None)
+            .map_err(route_err(back.to_string()))?;
         Ok(tun)
     }
 

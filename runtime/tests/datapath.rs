@@ -38,7 +38,16 @@ fn tables() -> Tables {
         Mac::default(),
     ));
     let ports: Vec<Option<PortSpec>> = ports().into_iter().map(Some).collect();
-    let facts = host::observe_for(&ports, "flannel.1", &t).expect("kernel facts");
+    // The first read asks the kernel to resolve the pods (managed
+    // neighbour entries) without waiting; a later read finds them.
+    let started = std::time::Instant::now();
+    let facts = loop {
+        let facts = host::observe_for(&ports, "flannel.1", &t).expect("kernel facts");
+        if facts.local_pods.len() == 2 || started.elapsed() > std::time::Duration::from_secs(5) {
+            break facts;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert_eq!(facts.local_pods.len(), 2, "both pods resolved: {facts:?}");
     host::apply(&mut t, None, &facts);
     // iperf3 needs TCP for its control connection, UDP for the flood.

@@ -19,8 +19,12 @@
 //! answered; UDP: a reply). Until then it costs an attacker one spoofed
 //! packet, so it lives at most `Timeouts::unassured` and is the first to go.
 //! When a shard is full, insertion evicts a victim among 16 sampled slots
-//! (up to 512 when those hold nothing expendable): expired first, then unassured flows, then assured flows that
-//! have finished (TIME_WAIT, CLOSE), each time the one nearest expiry. A
+//! (up to 512 when those hold nothing expendable): expired first, then
+//! unassured flows nobody answered, then unassured flows that were answered
+//! (a handshake in progress: a flood of unanswered packets, such as UDP to a
+//! closed port, must not evict it before its last ACK arrives), then assured
+//! flows that have finished (TIME_WAIT, CLOSE), each time the one nearest
+//! expiry. A
 //! live assured flow is never evicted: when none of those is found the new
 //! flow is refused (`InsertError::Full`), as netfilter's early drop does,
 //! so no flood of any kind (SYN, pickup ACKs, UDP) can displace a real
@@ -206,6 +210,8 @@ pub struct Conntrack {
 enum Claim {
     Claimed,
     InUse,
+    /// Held by a finished flow, which a second pass may replace.
+    Finished,
     IndexFull,
 }
 
@@ -407,17 +413,29 @@ impl Conntrack {
         }
         // 2. Claim a reply tuple by inserting its link.
         let link = LINK | (fi * self.per_shard + slot) as u32;
+        // A free tuple first; only when there is none does a finished flow
+        // (TIME_WAIT, CLOSE) give its tuple up. The far end may still hold
+        // state for a finished flow (a lost last ACK leaves the backend in
+        // LAST_ACK), so a SNAT port that reused it would be reset; but a
+        // client that reuses its own port has no other tuple.
         let mut claimed = None;
         let mut index_full = false;
-        for i in 0.. {
-            let Some(rep) = candidates(i) else { break };
-            match self.claim(now, rep, link) {
-                Claim::Claimed => {
-                    claimed = Some(rep);
-                    break;
+        let mut finished_seen = false;
+        'passes: for replace_finished in [false, true] {
+            if replace_finished && !finished_seen {
+                break;
+            }
+            for i in 0.. {
+                let Some(rep) = candidates(i) else { break };
+                match self.claim(now, rep, link, replace_finished) {
+                    Claim::Claimed => {
+                        claimed = Some(rep);
+                        break 'passes;
+                    }
+                    Claim::InUse => {}
+                    Claim::Finished => finished_seen = true,
+                    Claim::IndexFull => index_full = true,
                 }
-                Claim::InUse => {}
-                Claim::IndexFull => index_full = true,
             }
         }
         between();
@@ -452,8 +470,8 @@ impl Conntrack {
     /// Inserts link `rep -> link` (and `rep` into the reply index) unless
     /// `rep` is in use by a live flow or by one being inserted. A flow that
     /// has finished (TIME_WAIT, CLOSE) gives its tuple up to the new one, as
-    /// netfilter replaces it.
-    fn claim(&self, now: Time, rep: FlowKey, link: u32) -> Claim {
+    /// netfilter replaces it, when `replace_finished`.
+    fn claim(&self, now: Time, rep: FlowKey, link: u32, replace_finished: bool) -> Claim {
         for attempt in 0..3 {
             let h = self.hash(&rep);
             {
@@ -480,9 +498,10 @@ impl Conntrack {
             // finished flow (replaced), or in use.
             match self.lookup(now, &rep, |_, e| e.state.is_finished().then_some(e.fwd)) {
                 Found::Absent => {}
-                Found::Ran(Some(fwd)) => {
+                Found::Ran(Some(fwd)) if replace_finished => {
                     self.remove(&fwd);
                 }
+                Found::Ran(Some(_)) => return Claim::Finished,
                 Found::Ran(None) | Found::Pending => return Claim::InUse,
             }
         }
@@ -589,10 +608,12 @@ impl Shard {
             }
             let rank = if e.expired(now_s) {
                 0
+            } else if !e.assured() && e.flags & SEEN_REPLY == 0 {
+                1 // nobody answered: a spoofed packet costs nothing more
             } else if !e.assured() {
-                1
+                2 // answered, not established yet: a handshake in progress
             } else if e.state.is_finished() {
-                2
+                3
             } else {
                 continue; // live and assured: never a victim
             };
@@ -828,6 +849,58 @@ mod tests {
             .filter(|f| c.with_flow(Time::ZERO, f, |_, _| ()).is_some())
             .count();
         assert_eq!(survivors, established.len(), "a SYN flood evicted established flows");
+    }
+
+    #[test]
+    fn a_free_snat_tuple_is_preferred_to_a_finished_flows() {
+        let c = ct(64);
+        let (r1, r2) = (key(9, 80, 1, 1000), key(9, 80, 1, 1001));
+        let a = key(1, 5000, 1, 80);
+        add(&c, Time::ZERO, a, r1, CtState::TimeWait).unwrap();
+        // SNAT: two ports to choose from; the finished flow's is left alone
+        // (the backend may still be in LAST_ACK on it).
+        let b = key(2, 5000, 1, 80);
+        let got = c
+            .insert(Time::ZERO, Entry::new(b, b, SvcId(1), 0, CtState::SynSent), |i| {
+                [r1, r2].get(i as usize).copied()
+            })
+            .unwrap();
+        assert_eq!(got.rep, r2);
+        assert!(c.with_flow(Time::ZERO, &a, |_, _| ()).is_some());
+        // The only tuple there is: the finished flow gives it up.
+        let d = key(3, 5000, 1, 80);
+        assert_eq!(add(&c, Time::ZERO, d, r1, CtState::SynSent).unwrap().rep, r1);
+        assert!(c.with_flow(Time::ZERO, &a, |_, _| ()).is_none());
+    }
+
+    #[test]
+    fn an_unanswered_flood_evicts_its_own_flows_before_an_answered_handshake() {
+        let c = ct(64);
+        let per = c.per_shard;
+        // A handshake in progress: the backend's SYN-ACK was seen.
+        let f = key(1, 1000, 1, 80);
+        add(&c, Time::ZERO, f, key(9, 80, 1, 1000), CtState::SynSent).unwrap();
+        c.with_flow(Time::ZERO, &key(9, 80, 1, 1000), |_, e| {
+            let bits = e.trust_after(true, CtState::SynRecv);
+            e.set_trust(bits);
+        });
+        // Many times the table's size in UDP nobody answers, each newer
+        // (later expiry) than the handshake.
+        for i in 0..(per as u16 * 8) {
+            let t = Time::from_secs(u64::from(i) / 64);
+            add(
+                &c,
+                t,
+                key(2, 3000 + i, 1, 53),
+                key(9, 53, 2, 3000 + i),
+                CtState::UdpUnreplied,
+            )
+            .unwrap();
+        }
+        assert!(
+            c.with_flow(Time::from_secs(1), &f, |_, _| ()).is_some(),
+            "the flood evicted an answered handshake"
+        );
     }
 
     #[test]

@@ -156,12 +156,14 @@ impl Worker {
             ingress,
             origin,
         };
+        // UDP from the uplink to a node address is VXLAN or a NodePort: its
+        // header is parsed once, here, and handed on.
+        let mut udp = None;
         if ip.proto == PROTO_UDP && origin == Origin::Uplink && !ip.is_later_fragment() && t.node().is_node_ip(ip.dst) {
-            if let Some(u) = l4::parse(frame.data(), &ip)? {
-                if u.dst_port == t.node().vxlan.port {
-                    frame.truncate(ip.end());
-                    return self.decap(now, t, frame, pkt, u);
-                }
+            udp = l4::parse(frame.data(), &ip)?;
+            if let Some(u) = udp.filter(|u| u.dst_port == t.node().vxlan.port) {
+                frame.truncate(ip.end());
+                return self.decap(now, t, frame, pkt, u);
             }
         }
         // Nobody on the uplink may claim a local pod's address (VXLAN is
@@ -169,7 +171,10 @@ impl Worker {
         if origin == Origin::Uplink && t.is_local_pod(ip.src) {
             return Err(DropReason::SpoofedSource);
         }
-        self.handle_ip(now, t, frame, pkt)
+        match udp {
+            Some(u) => self.handle_l4(now, t, frame, pkt, u),
+            None => self.handle_ip(now, t, frame, pkt),
+        }
     }
 
     fn handle_ip(&mut self, now: Time, t: &Tables, frame: &mut Frame, pkt: Pkt) -> Result<Verdict, DropReason> {

@@ -125,7 +125,7 @@ fn host_observer(dp: Arc<Mutex<Datapath>>, cfg: &Config) -> HostObserver {
         cfg.vxlan_device.clone(),
     );
     Box::new(move |t: &Tables| {
-        let ports = {
+        let (ports, links) = {
             let mut dp = lock(&dp);
             let mut wanted = fixed.clone();
             let links = match host::links() {
@@ -163,9 +163,9 @@ fn host_observer(dp: Arc<Mutex<Datapath>>, cfg: &Config) -> HostObserver {
                     Err(e) => tracing::warn!(iface = %new, error = %e, "cannot serve a pod interface; retrying"),
                 }
             }
-            dp.ports().to_vec()
+            (dp.ports().to_vec(), links)
         };
-        match host::observe_for(&ports, &vxlan_device, t) {
+        match host::observe_for(&links, &ports, &vxlan_device, t) {
             Ok(facts) => Some(facts),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the kernel's interfaces and neighbours");

@@ -88,13 +88,6 @@ pub fn first_ipv4(iface: &str) -> Option<Ipv4Addr> {
         .map(|a| a.ip)
 }
 
-/// Reads the kernel's view for `ports` (by `PortId`, holes where ports
-/// were removed; exactly one uplink). A pod port whose interface has just
-/// vanished reads as a hole; a missing uplink is an error.
-pub fn observe(ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<HostFacts, HostError> {
-    Ok(read(&mut Rtnl::open()?, ports, vxlan_device)?.facts)
-}
-
 /// One read of the kernel: the facts, and the local pods whose MAC the
 /// kernel has not resolved yet (by address and interface index).
 struct Reading {
@@ -103,7 +96,16 @@ struct Reading {
     uplink_index: u32,
 }
 
-fn read(rtnl: &mut Rtnl, ports: &[Option<PortSpec>], vxlan_device: &str) -> Result<Reading, HostError> {
+/// Reads the kernel's view for `ports` (by `PortId`, holes where ports
+/// were removed; exactly one uplink), given its interfaces (`links`, read by
+/// the caller, who picks the ports from them). A pod port whose interface
+/// has just vanished reads as a hole; a missing uplink is an error.
+fn read(
+    rtnl: &mut Rtnl,
+    links: &HashMap<String, LinkInfo>,
+    ports: &[Option<PortSpec>],
+    vxlan_device: &str,
+) -> Result<Reading, HostError> {
     let is = |p: &Option<PortSpec>, role| p.as_ref().is_some_and(|p| p.role == role);
     let uplinks: Vec<usize> = (0..ports.len()).filter(|&i| is(&ports[i], PortRole::Uplink)).collect();
     if uplinks.len() != 1 {
@@ -116,7 +118,6 @@ fn read(rtnl: &mut Rtnl, ports: &[Option<PortSpec>], vxlan_device: &str) -> Resu
         vlan: None,
         role: PortRole::Pod,
     };
-    let links = rtnl.links()?;
     let mut infos = Vec::with_capacity(ports.len());
     let mut uplink_mtu = 1500;
     // Pod ports by interface index.
@@ -203,14 +204,20 @@ fn read(rtnl: &mut Rtnl, ports: &[Option<PortSpec>], vxlan_device: &str) -> Resu
     })
 }
 
-/// `observe`, then asks the kernel to resolve what the tables need and it
+/// Reads the kernel's view for `ports` given its interfaces (`links()`,
+/// which the caller read to pick its ports; see `read`), then asks the kernel to resolve what the tables need and it
 /// has not resolved yet: the uplink next hop of every remote node, the
 /// gateway, and every local pod. It does not wait: the kernel's neighbour
 /// notification (see `netlink::watch`) brings the answer. Failed requests
 /// are logged and asked again on the next call.
-pub fn observe_for(ports: &[Option<PortSpec>], vxlan_device: &str, t: &Tables) -> Result<HostFacts, HostError> {
+pub fn observe_for(
+    links: &HashMap<String, LinkInfo>,
+    ports: &[Option<PortSpec>],
+    vxlan_device: &str,
+    t: &Tables,
+) -> Result<HostFacts, HostError> {
     let mut rtnl = Rtnl::open()?;
-    let reading = read(&mut rtnl, ports, vxlan_device)?;
+    let reading = read(&mut rtnl, links, ports, vxlan_device)?;
     request_missing(&mut rtnl, &reading, t);
     Ok(reading.facts)
 }

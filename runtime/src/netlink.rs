@@ -138,78 +138,58 @@ impl Rtnl {
         }
     }
 
+    /// A dump of `req`'s kind, each answer turned into a `T` by `pick`
+    /// (`None`: not one kxp uses).
+    fn dump<T, C: FromIterator<T>>(
+        &mut self,
+        what: &'static str,
+        req: RouteNetlinkMessage,
+        pick: impl FnMut(RouteNetlinkMessage) -> Option<T>,
+    ) -> Result<C, NetlinkError> {
+        Ok(self
+            .request(what, req, NLM_F_DUMP)?
+            .into_iter()
+            .filter_map(pick)
+            .collect())
+    }
+
     /// Every interface, by name.
     pub fn links(&mut self) -> Result<HashMap<String, LinkInfo>, NetlinkError> {
-        let answers = self.request(
-            "link dump",
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => link_info(&l),
-                _ => None,
-            })
-            .collect())
+        let req = RouteNetlinkMessage::GetLink(LinkMessage::default());
+        self.dump("link dump", req, |m| match m {
+            RouteNetlinkMessage::NewLink(l) => link_info(&l),
+            _ => None,
+        })
     }
 
     /// Every IPv4 address of every interface.
     pub fn addresses(&mut self) -> Result<Vec<Address>, NetlinkError> {
         let mut req = AddressMessage::default();
         req.header.family = AddressFamily::Inet;
-        let answers = self.request("address dump", RouteNetlinkMessage::GetAddress(req), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) if a.header.family == AddressFamily::Inet => {
-                    let ip = a.attributes.iter().find_map(|at| match at {
-                        AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-                        _ => None,
-                    });
-                    let ip = ip.or_else(|| {
-                        a.attributes.iter().find_map(|at| match at {
-                            AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                            _ => None,
-                        })
-                    })?;
-                    Some(Address {
-                        ifindex: a.header.index,
-                        ip,
-                        prefix_len: a.header.prefix_len,
-                    })
-                }
-                _ => None,
-            })
-            .collect())
+        self.dump("address dump", RouteNetlinkMessage::GetAddress(req), |m| match m {
+            RouteNetlinkMessage::NewAddress(a) => address(&a),
+            _ => None,
+        })
     }
 
     /// The main IPv4 table's unicast routes with one next hop.
     pub fn routes(&mut self) -> Result<Vec<Route>, NetlinkError> {
         let mut req = RouteMessage::default();
         req.header.address_family = AddressFamily::Inet;
-        let answers = self.request("route dump", RouteNetlinkMessage::GetRoute(req), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => route(&r),
-                _ => None,
-            })
-            .collect())
+        self.dump("route dump", RouteNetlinkMessage::GetRoute(req), |m| match m {
+            RouteNetlinkMessage::NewRoute(r) => route(&r),
+            _ => None,
+        })
     }
 
     /// IPv4 neighbours whose link-layer address the kernel knows.
     pub fn neighbours(&mut self) -> Result<Vec<Neighbour>, NetlinkError> {
         let mut req = NeighbourMessage::default();
         req.header.family = AddressFamily::Inet;
-        let answers = self.request("neighbour dump", RouteNetlinkMessage::GetNeighbour(req), NLM_F_DUMP)?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) => neighbour(&n),
-                _ => None,
-            })
-            .collect())
+        self.dump("neighbour dump", RouteNetlinkMessage::GetNeighbour(req), |m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => neighbour(&n),
+            _ => None,
+        })
     }
 
     /// Asks the kernel to resolve `ip` on interface `ifindex` and keep it
@@ -292,6 +272,26 @@ fn link_info(l: &LinkMessage) -> Option<(String, LinkInfo)> {
         }
     }
     Some((name?, info))
+}
+
+/// An IPv4 address: the local one (`IFA_LOCAL`), which on a point-to-point
+/// link differs from the peer's (`IFA_ADDRESS`).
+fn address(a: &AddressMessage) -> Option<Address> {
+    if a.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let v4 = |want_local: bool| {
+        a.attributes.iter().find_map(|at| match at {
+            AddressAttribute::Local(IpAddr::V4(ip)) if want_local => Some(*ip),
+            AddressAttribute::Address(IpAddr::V4(ip)) if !want_local => Some(*ip),
+            _ => None,
+        })
+    };
+    Some(Address {
+        ifindex: a.header.index,
+        ip: v4(true).or_else(|| v4(false))?,
+        prefix_len: a.header.prefix_len,
+    })
 }
 
 fn route(r: &RouteMessage) -> Option<Route> {

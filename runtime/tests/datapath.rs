@@ -42,7 +42,8 @@ fn tables() -> Tables {
     // neighbour entries) without waiting; a later read finds them.
     let started = std::time::Instant::now();
     let facts = loop {
-        let facts = host::observe_for(&ports, "flannel.1", &t).expect("kernel facts");
+        let links = host::links().expect("interfaces");
+        let facts = host::observe_for(&links, &ports, "flannel.1", &t).expect("kernel facts");
         if facts.local_pods.len() == 2 || started.elapsed() > std::time::Duration::from_secs(5) {
             break facts;
         }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub sync_failures: Counter,
     /// kxp: publishes the dataplane did not take (a steering map write failed).
     pub dataplane_sync_failures: Counter,
+    /// kxp: reads of the kernel's facts (interfaces, routes, neighbours).
+    pub kernel_reads: Counter,
     /// kxp: objects (or parts) skipped as unusable in the last sync.
     pub skipped_objects: Gauge,
     /// kxp: service ports live in the tables.
@@ -68,6 +70,7 @@ impl Metrics {
             no_local_endpoints: Family::default(),
             sync_failures: Counter::default(),
             dataplane_sync_failures: Counter::default(),
+            kernel_reads: Counter::default(),
             skipped_objects: Gauge::default(),
             service_ports: Gauge::default(),
             api_watch_errors: Gauge::default(),
@@ -114,6 +117,11 @@ impl Metrics {
             "kxp_dataplane_sync_failures",
             "Publishes whose steering map writes failed (retried every second; /healthz fails meanwhile)",
             m.dataplane_sync_failures.clone(),
+        );
+        registry.register(
+            "kxp_kernel_reads",
+            "Reads of the kernel's interfaces, routes and neighbours (on its notifications, at most one per 100 ms)",
+            m.kernel_reads.clone(),
         );
         registry.register(
             "kxp_skipped_objects",

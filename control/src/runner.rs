@@ -77,6 +77,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// The kernel's facts are re-read on every change it reports, after every
 /// publish, and at least this often (a backstop for a lost notification).
 const HOST_BACKSTOP: Duration = Duration::from_secs(10);
+/// At most one read per this on the kernel's notifications: a pod can make
+/// the node's neighbour table churn (ARP with ever-changing addresses), and
+/// each read may republish the tables.
+const HOST_MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct SyncLoop {
     pub source: Arc<dyn Source>,
@@ -111,12 +115,21 @@ impl SyncLoop {
         self.refresh_host();
         let mut host_read = Instant::now();
         let kernel_changed = self.host.as_ref().map(|h| h.changed.clone());
+        // A kernel notification seen and not yet acted on.
+        let mut host_due = false;
         loop {
             let next_full = last_full.map_or(Duration::ZERO, |t| self.policy.full_every.saturating_sub(t.elapsed()));
+            let next_host_read = tokio::time::Instant::from_std(host_read + HOST_MIN_INTERVAL);
             tokio::select! {
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(next_full) => {}
-                _ = async { kernel_changed.as_ref().expect("guarded").notified().await }, if kernel_changed.is_some() => {
+                _ = async { kernel_changed.as_ref().expect("guarded").notified().await },
+                    if kernel_changed.is_some() && !host_due => {
+                    host_due = true;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(next_host_read), if host_due => {
+                    host_due = false;
                     self.refresh_host();
                     host_read = Instant::now();
                     continue;
@@ -210,6 +223,7 @@ impl SyncLoop {
         let Some(host) = self.host.as_mut() else {
             return;
         };
+        self.metrics.kernel_reads.inc();
         let Some(facts) = (host.observe)(&self.syncer.publisher().reader().load()) else {
             return;
         };

@@ -231,3 +231,46 @@ fn a_storm_of_stray_and_malformed_traffic_returns_nothing_to_the_kernel() {
     assert_eq!(greet(c.pod(2, 0), sa(vip(93), PORT)), "web");
     c.assert_no_checksum_errors();
 }
+
+/// Issue #9: kxp re-reads the kernel's facts on its notifications. A pod
+/// can make the node's neighbour table churn (ARP with ever-changing
+/// addresses), and each read may republish the tables; so reads are
+/// bounded to one per 100 ms however fast the notifications come. Here
+/// 3,000 neighbour changes in a burst (made with `ip -batch` on the node,
+/// the same notifications an ARP storm causes).
+#[test]
+fn a_storm_of_kernel_notifications_is_read_at_most_ten_times_a_second() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let c = Cluster::new(1, 2, &[1], &[Svc::tcp("web", vip(94), PORT, &[(pod_ip(1, 0), 1)])]);
+    let _l = Listener::start(&c.pod(1, 0).ns, PORT, "web").unwrap();
+    let node = &c.lab.nodes[0].host;
+    let reads = || c.kxps[0].metric_sum("kxp_kernel_reads_total", &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let batch: String = (0..3000u32)
+        .map(|i| {
+            format!(
+                "neigh replace 192.168.77.201 lladdr 02:00:00:00:{:02x}:{:02x} dev eth0\n",
+                i >> 8,
+                i & 0xff
+            )
+        })
+        .collect();
+    let file = c.dir.path().join("neigh.batch");
+    std::fs::write(&file, batch).unwrap();
+    let before = reads();
+    let started = std::time::Instant::now();
+    node.exec(&["ip", "-batch", file.to_str().unwrap()]).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the last read
+    let elapsed_ms = started.elapsed().as_millis() as f64;
+    let done = reads() - before;
+    eprintln!("3000 neighbour changes in {elapsed_ms:.0} ms: {done} kernel reads");
+    assert!(done >= 1.0, "the notifications caused no read");
+    assert!(
+        done <= elapsed_ms / 100.0 + 3.0,
+        "{done} reads in {elapsed_ms:.0} ms: not bounded to one per 100 ms"
+    );
+    // And the service still answers.
+    assert_eq!(greet(c.pod(1, 1), sa(vip(94), PORT)), "web");
+}

@@ -1151,6 +1151,24 @@ fn fragments(frame: &[u8], payload: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Sends each of `frames` in through port `from`; each must leave through
+/// `to`. Returns what left, in order.
+fn through(
+    lab: &mut Lab,
+    from: dataplane::addr::PortId,
+    to: dataplane::addr::PortId,
+    frames: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .map(|p| {
+            let out = lab.send_raw(from, p);
+            assert_eq!(out.verdict, Verdict::Tx(to));
+            out.bytes
+        })
+        .collect()
+}
+
 /// Issue #9: a 4 KB UDP answer through a ClusterIP (DNS over UDP) arrives
 /// in fragments; each gets the NAT its first fragment got, both ways.
 #[test]
@@ -1161,12 +1179,7 @@ fn fragments_of_a_service_datagram_are_translated_like_their_first() {
         .build();
     let parts = fragments(&query, 1400);
     assert_eq!(parts.len(), 3);
-    let mut delivered = Vec::new();
-    for p in &parts {
-        let out = lab.send_raw(PORT_B, p);
-        assert_eq!(out.verdict, Verdict::Tx(PORT_A));
-        delivered.push(out.bytes);
-    }
+    let delivered = through(&mut lab, PORT_B, PORT_A, &parts);
     for d in &delivered {
         assert_eq!(&d[14 + 16..14 + 20], &POD_A.octets(), "every fragment DNATed");
         assert!(ipv4::parse(d, 14).is_ok(), "valid IP header checksum");
@@ -1180,14 +1193,7 @@ fn fragments_of_a_service_datagram_are_translated_like_their_first() {
     let answer = craft::Spec::udp((POD_A, 8080), (POD_B, 5353), &[9u8; 4000])
         .macs(POD_A_MAC, PORT_A_MAC)
         .build();
-    let back: Vec<Vec<u8>> = fragments(&answer, 1400)
-        .iter()
-        .map(|p| {
-            let out = lab.send_raw(PORT_A, p);
-            assert_eq!(out.verdict, Verdict::Tx(PORT_B));
-            out.bytes
-        })
-        .collect();
+    let back = through(&mut lab, PORT_A, PORT_B, &fragments(&answer, 1400));
     let seen = craft::inspect(&reassemble(&back)).unwrap();
     assert!(seen.checksums_ok);
     assert_eq!((seen.src, seen.ports.0, seen.dst), (CLUSTER_IP, 80, POD_B));
@@ -1209,14 +1215,7 @@ fn fragments_through_a_node_port_are_translated_like_their_first() {
     let query = craft::Spec::udp((CLIENT_IP, 40000), (NODE_IP, 30080), &[7u8; 4000])
         .macs(GW_MAC, UPLINK_MAC)
         .build();
-    let delivered: Vec<Vec<u8>> = fragments(&query, 1480)
-        .iter()
-        .map(|p| {
-            let out = lab.send_raw(UPLINK, p);
-            assert_eq!(out.verdict, Verdict::Tx(PORT_A));
-            out.bytes
-        })
-        .collect();
+    let delivered = through(&mut lab, UPLINK, PORT_A, &fragments(&query, 1480));
     let seen = craft::inspect(&reassemble(&delivered)).unwrap();
     assert!(seen.checksums_ok);
     assert_eq!((seen.src, seen.dst, seen.ports.1), (NODE_IP, POD_A, 8080));
@@ -1239,14 +1238,7 @@ fn a_first_fragment_flood_does_not_lock_out_real_fragmented_datagrams() {
     let query = craft::Spec::udp((CLIENT_IP, 40000), (NODE_IP, 30080), &[7u8; 4000])
         .macs(GW_MAC, UPLINK_MAC)
         .build();
-    let delivered: Vec<Vec<u8>> = fragments(&query, 1480)
-        .iter()
-        .map(|p| {
-            let out = lab.send_raw(UPLINK, p);
-            assert_eq!(out.verdict, Verdict::Tx(PORT_A));
-            out.bytes
-        })
-        .collect();
+    let delivered = through(&mut lab, UPLINK, PORT_A, &fragments(&query, 1480));
     let seen = craft::inspect(&reassemble(&delivered)).unwrap();
     assert!(seen.checksums_ok);
     assert_eq!((seen.src, seen.dst), (NODE_IP, POD_A));

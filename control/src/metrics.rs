@@ -120,7 +120,7 @@ impl Metrics {
         );
         registry.register(
             "kxp_kernel_reads",
-            "Reads of the kernel's interfaces, routes and neighbours (on its notifications, at most one per 100 ms)",
+            "Reads of the kernel's interfaces, routes and neighbours (on its notifications, at most 10 a second after a burst of 5)",
             m.kernel_reads.clone(),
         );
         registry.register(

@@ -77,10 +77,12 @@ const TICK: Duration = Duration::from_secs(1);
 /// The kernel's facts are re-read on every change it reports, after every
 /// publish, and at least this often (a backstop for a lost notification).
 const HOST_BACKSTOP: Duration = Duration::from_secs(10);
-/// At most one read per this on the kernel's notifications: a pod can make
-/// the node's neighbour table churn (ARP with ever-changing addresses), and
-/// each read may republish the tables.
-const HOST_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Reads on the kernel's notifications: a pod can make the node's neighbour
+/// table churn (ARP with ever-changing addresses), and each read may
+/// republish the tables, so they are budgeted: 10 a second, in bursts of 5
+/// (a new pod is a few notifications in a row: its link, its route, its
+/// neighbour; each is read at once).
+const KERNEL_READS: (u32, u32) = (10, 5);
 
 pub struct SyncLoop {
     pub source: Arc<dyn Source>,
@@ -115,23 +117,32 @@ impl SyncLoop {
         self.refresh_host();
         let mut host_read = Instant::now();
         let kernel_changed = self.host.as_ref().map(|h| h.changed.clone());
-        // A kernel notification seen and not yet acted on.
+        // A kernel notification seen and not yet read, and when its read may
+        // next be tried (the budget's clock is this loop's).
         let mut host_due = false;
+        let mut try_read_at = Instant::now();
+        let mut read_budget = dataplane::engine::TokenBucket::default();
+        let clock = Instant::now();
         loop {
             let next_full = last_full.map_or(Duration::ZERO, |t| self.policy.full_every.saturating_sub(t.elapsed()));
-            let next_host_read = tokio::time::Instant::from_std(host_read + HOST_MIN_INTERVAL);
             tokio::select! {
                 _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(next_full) => {}
                 _ = async { kernel_changed.as_ref().expect("guarded").notified().await },
                     if kernel_changed.is_some() && !host_due => {
                     host_due = true;
+                    try_read_at = Instant::now();
                     continue;
                 }
-                _ = tokio::time::sleep_until(next_host_read), if host_due => {
-                    host_due = false;
-                    self.refresh_host();
-                    host_read = Instant::now();
+                _ = tokio::time::sleep_until(try_read_at.into()), if host_due => {
+                    let now = dataplane::Time(clock.elapsed().as_nanos() as u64);
+                    if read_budget.take(now, KERNEL_READS) {
+                        host_due = false;
+                        self.refresh_host();
+                        host_read = Instant::now();
+                    } else {
+                        try_read_at = Instant::now() + Duration::from_secs(1) / KERNEL_READS.0;
+                    }
                     continue;
                 }
                 _ = tick.tick(), if self.host.is_some() || self.dataplane_behind() => {

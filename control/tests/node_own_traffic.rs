@@ -235,11 +235,12 @@ fn a_storm_of_stray_and_malformed_traffic_returns_nothing_to_the_kernel() {
 /// Issue #9: kxp re-reads the kernel's facts on its notifications. A pod
 /// can make the node's neighbour table churn (ARP with ever-changing
 /// addresses), and each read may republish the tables; so reads are
-/// bounded to one per 100 ms however fast the notifications come. Here
+/// budgeted, 10 a second after a burst of 5, however fast the
+/// notifications come. Here
 /// 3,000 neighbour changes in a burst (made with `ip -batch` on the node,
 /// the same notifications an ARP storm causes).
 #[test]
-fn a_storm_of_kernel_notifications_is_read_at_most_ten_times_a_second() {
+fn a_storm_of_kernel_notifications_is_read_within_its_budget() {
     if !lab::root_or_skip() {
         return;
     }
@@ -268,8 +269,8 @@ fn a_storm_of_kernel_notifications_is_read_at_most_ten_times_a_second() {
     eprintln!("3000 neighbour changes in {elapsed_ms:.0} ms: {done} kernel reads");
     assert!(done >= 1.0, "the notifications caused no read");
     assert!(
-        done <= elapsed_ms / 100.0 + 3.0,
-        "{done} reads in {elapsed_ms:.0} ms: not bounded to one per 100 ms"
+        done <= elapsed_ms / 100.0 + 5.0 + 1.0,
+        "{done} reads in {elapsed_ms:.0} ms: over the budget (10 a second, bursts of 5)"
     );
     // And the service still answers.
     assert_eq!(greet(c.pod(1, 1), sa(vip(94), PORT)), "web");

@@ -31,6 +31,10 @@ pub enum SteeringError {
     Interface { iface: String, reason: String },
     #[error("the XDP program has no map or program named {0}: the object and this build disagree")]
     Missing(&'static str),
+    #[error(
+        "a conntrack of {0} flows needs a reply index larger than a BPF array holds; lower conntrack.min / maxPerCore"
+    )]
+    IndexTooLarge(usize),
     #[error("cannot map the reply index into memory: {0}; kxp needs Linux 5.5 or later (mmapable BPF arrays)")]
     MapIndex(#[source] nix::Error),
     #[error("cannot update XDP map {map}: {source}")]
@@ -260,10 +264,7 @@ impl Steering {
     /// (`FlowState::with_reply_index`).
     pub fn load(flow_capacity: usize) -> Result<(Self, ReplyIndex), SteeringError> {
         let buckets = ReplyIndex::buckets_for(flow_capacity.max(1));
-        let bucket_count = u32::try_from(buckets).map_err(|_| SteeringError::Interface {
-            iface: "(reply index)".into(),
-            reason: format!("{flow_capacity} flows need more than 2^32 buckets"),
-        })?;
+        let bucket_count = u32::try_from(buckets).map_err(|_| SteeringError::IndexTooLarge(flow_capacity))?;
         let ebpf = EbpfLoader::new()
             .set_max_entries("reply_index", bucket_count)
             .load(OBJECT)

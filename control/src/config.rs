@@ -11,6 +11,7 @@ use std::time::Duration;
 use dataplane::addr::Cidr;
 use dataplane::flow::{CtConfig, Timeouts};
 use dataplane::tables::ChecksumPolicy;
+use runtime::sockets::UmemLayout;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,12 @@ pub struct FileKxp {
     pub snat_ports: Option<String>,
     /// `LOW-HIGH`, default `30000-32767`.
     pub node_port_range: Option<String>,
+    /// Try zero-copy AF_XDP on the uplink (default true; copy mode where
+    /// the driver has none).
+    pub zero_copy: Option<bool>,
+    /// `auto` (default): pods share the uplink's UMEM unless the uplink
+    /// binds zero-copy; `split`: pods always in a UMEM of their own.
+    pub umem_layout: Option<String>,
 }
 
 /// The resolved configuration kxp runs with.
@@ -106,6 +113,8 @@ pub struct Config {
     pub checksum: ChecksumPolicy,
     pub snat_ports: (u16, u16),
     pub node_port_range: (u16, u16),
+    pub zero_copy: bool,
+    pub umem_layout: UmemLayout,
 }
 
 impl Config {
@@ -204,6 +213,12 @@ impl Config {
             worker_cores: kxp.worker_cores.unwrap_or_default(),
             vxlan_vni: kxp.vxlan_vni.unwrap_or(1),
             vxlan_port: kxp.vxlan_port.unwrap_or(8472),
+            zero_copy: kxp.zero_copy.unwrap_or(true),
+            umem_layout: match kxp.umem_layout.as_deref().unwrap_or("auto") {
+                "auto" => UmemLayout::Auto,
+                "split" => UmemLayout::Split,
+                other => return Err(format!("kxp.umemLayout {other:?}: expected auto or split")),
+            },
             checksum: match kxp.checksum.as_deref().unwrap_or("incremental") {
                 "incremental" => ChecksumPolicy::Incremental,
                 "full" => ChecksumPolicy::Full,
@@ -308,7 +323,7 @@ minSyncPeriod: 200ms
 syncPeriod: 1m
 metricsBindAddress: 0.0.0.0:9999
 iptables: {masqueradeAll: false}
-kxp: {checksum: full, vxlanVni: 7, snatPorts: 2000-2999}
+kxp: {checksum: full, vxlanVni: 7, snatPorts: 2000-2999, zeroCopy: false, umemLayout: split}
 "#,
         )
         .unwrap();
@@ -328,6 +343,7 @@ kxp: {checksum: full, vxlanVni: 7, snatPorts: 2000-2999}
             (c.checksum, c.vxlan_vni, c.vxlan_port, c.snat_ports),
             (ChecksumPolicy::Full, 7, 8472, (2000, 2999))
         );
+        assert_eq!((c.zero_copy, c.umem_layout), (false, UmemLayout::Split));
     }
 
     #[test]
@@ -336,6 +352,8 @@ kxp: {checksum: full, vxlanVni: 7, snatPorts: 2000-2999}
         assert!(Config::resolve(f).unwrap_err().contains("minSyncPeriod"));
         let f: FileConfig = serde_yaml::from_str("kxp: {checksum: maybe}\n").unwrap();
         assert!(Config::resolve(f).unwrap_err().contains("kxp.checksum"));
+        let f: FileConfig = serde_yaml::from_str("kxp: {umemLayout: three}\n").unwrap();
+        assert!(Config::resolve(f).unwrap_err().contains("kxp.umemLayout"));
         let f: FileConfig = serde_yaml::from_str("kind: Pod\n").unwrap();
         assert!(Config::resolve(f).is_err());
     }

@@ -71,19 +71,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether the worker's socket set may try zero-copy. Every socket of a
-/// set shares one UMEM and so one mode, and pods' veths have no zero-copy
-/// (no kernel offers it on veth): a set that serves pods, now or later
-/// (`podInterfacePrefixes`), must be in copy mode from the start, or the
-/// pods that appear later could never join it. Zero-copy is for nodes
-/// whose kxp serves the uplink alone (gateways, load-balancer nodes).
-/// Rejected for now: a second, zero-copy UMEM for the uplink beside the
-/// pods' copy-mode one, with a copy in userspace between them; it needs
-/// a NIC with zero-copy to measure whether that copy beats the kernel's.
-fn zero_copy_possible(cfg: &Config) -> bool {
-    cfg.pod_interfaces.is_empty() && cfg.pod_interface_prefixes.is_empty()
-}
-
 /// The datapath's ports from `kxp.interfaces` (the uplink) and
 /// `kxp.podInterfaces`; `None` when no interface is configured (control
 /// only, e.g. `kxp run` to watch what would be programmed).
@@ -104,7 +91,10 @@ pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
         cores: cfg.worker_cores.clone(),
         rings: RingSizes::default(),
         batch: 64,
-        zero_copy: zero_copy_possible(cfg),
+        // Pods, now or later, never join a zero-copy UMEM: with a
+        // zero-copy uplink they get one of their own (runtime::sockets).
+        zero_copy: cfg.zero_copy,
+        umem_layout: cfg.umem_layout,
         // Always: a host-network backend on this node is reached through it
         // too; the node's own connections to services need serviceCIDRs.
         host: Some(HostConfig {
@@ -139,31 +129,27 @@ fn host_observer(dp: Arc<Mutex<Datapath>>, cfg: &Config) -> HostObserver {
             wanted.extend(host::interfaces_with_prefixes(&links, &prefixes));
             wanted.sort();
             wanted.dedup();
-            let serving: Vec<String> = dp
-                .ports()
-                .iter()
-                .flatten()
-                .filter(|p| p.role == PortRole::Pod)
-                .map(|p| p.name.clone())
-                .collect();
-            let gone: Vec<&String> = serving.iter().filter(|n| !dp.port_alive(n, &links)).collect();
-            for gone in &gone {
-                match dp.remove_port(gone) {
-                    Ok(()) => tracing::info!(iface = %gone, "pod interface gone; released"),
-                    Err(e) => tracing::warn!(iface = %gone, error = %e, "cannot release a pod interface"),
+            // A pod port whose interface went (or was re-created under its
+            // name) is released first; a re-created one is served anew below.
+            for id in dp.ports().stale(&links) {
+                let name = dp.ports()[id].name.clone();
+                match dp.remove_port(id) {
+                    Ok(()) => tracing::info!(iface = %name, "pod interface gone; released"),
+                    Err(e) => tracing::warn!(iface = %name, error = %e, "cannot release a pod interface"),
                 }
             }
-            for new in wanted.iter().filter(|n| !serving.contains(n) || gone.contains(n)) {
+            wanted.retain(|n| dp.ports().find(n).is_none());
+            for new in &wanted {
                 let spec = PortSpec {
                     name: new.clone(),
                     role: PortRole::Pod,
                 };
-                match dp.add_port(spec) {
-                    Ok(id) => tracing::info!(iface = %new, port = id, "pod interface served"),
+                match dp.add_port(&spec, &links) {
+                    Ok(id) => tracing::info!(iface = %new, port = id.0, "pod interface served"),
                     Err(e) => tracing::warn!(iface = %new, error = %e, "cannot serve a pod interface; retrying"),
                 }
             }
-            (dp.ports().to_vec(), links)
+            (dp.ports().clone(), links)
         };
         match host::observe_for(&links, &ports, &vxlan_device, t) {
             Ok(facts) => Some(facts),
@@ -239,8 +225,9 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
     };
     tokio::spawn(sync.run());
     changed.notify_one(); // first sync as soon as the source is ready
-                          // Unhealthy once syncs have stopped for two sync periods (kube-proxy
-                          // uses the same kind of bound), never less than a minute.
+
+    // Unhealthy once syncs have stopped for two sync periods (kube-proxy
+    // uses the same kind of bound), never less than a minute.
     let stale_after = (cfg.sync_period * 2).max(Duration::from_secs(60));
     health::serve_healthz(healthz, status.clone(), stale_after);
     health::serve_metrics(metrics_l, metrics.clone());
@@ -252,29 +239,4 @@ pub async fn start(cfg: &Config, source: SourceSpec) -> Result<Daemon, DaemonErr
         metrics_addr,
         datapath,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::FileConfig;
-
-    fn config(pods: &[&str], prefixes: &[&str]) -> Config {
-        let mut c = Config::resolve(FileConfig::default()).unwrap();
-        c.interfaces = vec!["eth0".into()];
-        c.pod_interfaces = pods.iter().map(|s| s.to_string()).collect();
-        c.pod_interface_prefixes = prefixes.iter().map(|s| s.to_string()).collect();
-        c
-    }
-
-    #[test]
-    fn sockets_that_serve_pods_never_try_zero_copy() {
-        // Pods now, pods later, or both: copy mode, so every pod can join.
-        for (pods, prefixes) in [(&["veth1"][..], &[][..]), (&[], &["cali"]), (&["veth1"], &["cali"])] {
-            let dp = datapath_config(&config(pods, prefixes)).unwrap();
-            assert!(!dp.zero_copy, "pods {pods:?}, prefixes {prefixes:?}");
-        }
-        // The uplink alone may use zero-copy where its driver has it.
-        assert!(datapath_config(&config(&[], &[])).unwrap().zero_copy);
-    }
 }

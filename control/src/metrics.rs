@@ -42,6 +42,7 @@ pub struct Metrics {
     worker_latency: Family<Vec<(String, String)>, Gauge>,
     worker_frames: Family<Vec<(String, String)>, Gauge>,
     worker_events: Family<Vec<(String, String)>, Gauge>,
+    worker_umems: Family<Vec<(String, String)>, Gauge>,
     /// kxp: what the XDP program did with each frame (all ports).
     steering_packets: Family<Vec<(String, String)>, Gauge>,
     workers: Mutex<Option<WorkerSource>>,
@@ -78,6 +79,7 @@ impl Metrics {
             worker_drops: Family::default(),
             worker_latency: Family::default(),
             worker_frames: Family::default(),
+            worker_umems: Family::default(),
             worker_events: Family::default(),
             steering_packets: Family::default(),
             workers: Mutex::new(None),
@@ -160,8 +162,13 @@ impl Metrics {
         );
         registry.register(
             "kxp_worker_events",
-            "Per worker: flows created, evicted, moved or reset; rejects, ICMP errors translated, frag-needed sent; VXLAN encap/decap",
+            "Per worker: flows created, evicted, moved or reset; rejects, ICMP errors translated, frag-needed sent; VXLAN encap/decap; frames copied between its two UMEMs",
             m.worker_events.clone(),
+        );
+        registry.register(
+            "kxp_worker_umems",
+            "UMEMs per worker: 1, or 2 when pods have their own copy-mode UMEM beside a zero-copy uplink (or kxp.umemLayout: split)",
+            m.worker_umems.clone(),
         );
         registry.register(
             "kxp_steering_packets",
@@ -225,6 +232,7 @@ impl Metrics {
                 ("decapsulated", st.decapsulated),
                 ("fragments_translated", st.fragments_translated),
                 ("fragments_evicted", st.fragments_evicted),
+                ("umem_copies", r.runtime.umem_copies),
             ] {
                 self.worker_events.get_or_create(&l("event", event)).set(n as i64);
             }
@@ -248,6 +256,12 @@ impl Metrics {
             self.worker_drops
                 .get_or_create(&l("reason", "host_dropped"))
                 .set(r.runtime.host_dropped as i64);
+            self.worker_drops
+                .get_or_create(&l("reason", "umem_copy_no_frame"))
+                .set(r.runtime.umem_copy_no_frame as i64);
+            self.worker_umems
+                .get_or_create(&vec![("queue".to_string(), q.clone())])
+                .set(r.umems as i64);
             let k = r.kernel;
             for (reason, n) in [
                 ("xsk_rx_dropped", k.rx_dropped),

@@ -324,6 +324,62 @@ fn pods_that_come_and_go_are_served_and_released() {
     assert_eq!(k.metric_sum("kxp_worker_drops", &["reason=\"xsk_invalid_descs\""]), 0.0);
 }
 
+/// The two-UMEM layout (pods apart from the uplink, as beside a
+/// zero-copy NIC), forced in copy mode since veths have no zero-copy:
+/// traffic between the uplink and pods crosses the UMEMs both ways, a pod
+/// that appears later joins the pods' UMEM, and every frame stays
+/// accounted for.
+#[test]
+fn pods_in_a_umem_of_their_own_are_served_across_both_umems() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let late_svc = Svc::new("late-split", vip(91), 7600, &[(pod_ip(1, 1), 1)]);
+    let remote_svc = Svc::new("remote-split", vip(92), PORT, &[(pod_ip(2, 0), 2)]);
+    let lab = Lab::build(2, 1).expect("lab builds");
+    let mut c = Cluster::with(
+        lab,
+        &[1],
+        &[late_svc, remote_svc],
+        "  podInterfacePrefixes: [vp]\n  umemLayout: split\n",
+    );
+    wait_for("the worker reports two UMEMs", || {
+        c.kxps[0].metric_sum("kxp_worker_umems", &[]) == 2.0
+    });
+    let late = c.lab.add_pod(1).expect("a pod appears after kxp started");
+    let _late = Listener::start(&late.ns, 7600, "late").unwrap();
+    let (local, remote) = (c.pod(1, 0).clone(), c.pod(2, 0).clone());
+    // From a pod on another node (no kxp there: to the pod's address, over
+    // the overlay): uplink -> the pods' UMEM, and the reply back.
+    let started = Instant::now();
+    while !connect(&remote.ns, sa(late.ip, 7600), Duration::from_millis(200)).is_ok_and(|g| g == "late") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the late pod is never served"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // From a pod on this node, through the service: within the pods' UMEM.
+    assert_eq!(greet(&local, sa(vip(91), 7600)), "late");
+    // From a pod on this node to another node's backend: pods' UMEM ->
+    // uplink, and bulk TCP both ways through the copies.
+    let _servers = Iperf::serve(&[&remote]);
+    let sent = iperf(&local, vip(92), PORT, "20M", false);
+    assert!(sent >= 20e6, "TCP through both UMEMs: {sent} bytes");
+    let k = &c.kxps[0];
+    let copies = k.metric_sum("kxp_worker_events", &["event=\"umem_copies\""]);
+    assert!(copies > 1000.0, "frames crossed between the UMEMs: {copies}");
+    assert_eq!(
+        k.metric_sum("kxp_worker_drops", &["reason=\"umem_copy_no_frame\""]),
+        0.0
+    );
+    let text = k.metrics();
+    let frames = |place: &str| lab::kxp::metric_sum(&text, "kxp_worker_frames", &[&format!("place=\"{place}\"")]);
+    let parts: f64 = ["free", "fill", "tx", "held"].iter().map(|p| frames(p)).sum();
+    assert_eq!(parts, frames("total"), "every frame of both UMEMs is somewhere");
+    c.assert_no_checksum_errors();
+}
+
 /// UDP datagrams from a namespace to one address, paced, until stopped.
 struct UdpStream {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,

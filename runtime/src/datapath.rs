@@ -1,22 +1,25 @@
 //! Everything that moves packets on this node, started in the right order:
-//! start-up checks, the steering program on every port, one AF_XDP socket
-//! set (one UMEM) and one pinned worker per queue. Dropping it stops the
+//! start-up checks, the port table, the steering program on every port,
+//! each queue's AF_XDP sockets (one UMEM, or two: see `sockets`) and one
+//! pinned worker per queue. Dropping it stops the
 //! workers and detaches the programs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dataplane::addr::Cidr;
+use dataplane::addr::{Cidr, PortId};
 use dataplane::flow::{CtConfig, FlowState};
 use dataplane::tables::{PortRole, Tables};
 use dataplane::Reader;
 use hdrhistogram::Histogram;
 
-use crate::host::{self, PortSpec};
+use crate::host::{self, HostError, LinkInfo, PortSpec};
+use crate::ports::{Port, PortTable, PortTableFull};
+use crate::sockets::{UmemLayout, WorkerSockets};
 use crate::steering::{Steering, SteeringError, SteeringStats};
 use crate::tun::{HostTun, TunError};
 use crate::worker::{self, HostPort, WorkerHandle, WorkerReport, WorkerSpec};
-use crate::xsk::{PortName, RingSizes, XskError, XskSet};
+use crate::xsk::{RingSizes, XskError};
 
 #[derive(Clone, Debug)]
 pub struct DatapathConfig {
@@ -28,8 +31,10 @@ pub struct DatapathConfig {
     pub cores: Vec<usize>,
     pub rings: RingSizes,
     pub batch: usize,
-    /// Try zero-copy on each socket first (copy mode where unsupported).
+    /// Try zero-copy on the uplink first (copy mode where unsupported).
     pub zero_copy: bool,
+    /// How each worker's sockets share UMEMs.
+    pub umem_layout: UmemLayout,
     /// The node's own way to services (a TUN device routed to kxp).
     pub host: Option<HostConfig>,
 }
@@ -62,6 +67,10 @@ pub enum DatapathError {
     Xsk(#[from] XskError),
     #[error(transparent)]
     Tun(#[from] TunError),
+    #[error(transparent)]
+    Ports(#[from] PortTableFull),
+    #[error(transparent)]
+    Kernel(#[from] HostError),
     #[error("cannot start a worker thread: {0}")]
     Thread(#[from] std::io::Error),
 }
@@ -70,24 +79,13 @@ pub struct Datapath {
     // Workers first: they stop before the programs that feed them go.
     workers: Vec<WorkerHandle>,
     steering: Steering,
-    /// By `PortId`; `None` where a port was removed (the next new port
-    /// takes the hole).
-    ports: Vec<Option<PortSpec>>,
-    /// The interface index each port had when it was attached: a pod veth
-    /// re-created under the same name is a new port.
-    ifindexes: Vec<u32>,
+    ports: PortTable,
     queues: u32,
 }
 
-fn port_name(p: &PortSpec) -> PortName {
-    PortName {
-        name: p.name.clone(),
-        role: p.role,
-    }
-}
-
-/// One clear sentence for each thing that would otherwise fail obscurely.
-pub fn preflight(cfg: &DatapathConfig) -> Result<(), DatapathError> {
+/// One clear sentence for each thing that would otherwise fail obscurely,
+/// given the namespace's interfaces.
+pub fn preflight(cfg: &DatapathConfig, links: &HashMap<String, LinkInfo>) -> Result<(), DatapathError> {
     let uplinks = cfg.ports.iter().filter(|p| p.role == PortRole::Uplink).count();
     if uplinks != 1 {
         return Err(DatapathError::Uplinks(uplinks));
@@ -95,72 +93,84 @@ pub fn preflight(cfg: &DatapathConfig) -> Result<(), DatapathError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(DatapathError::NotRoot);
     }
+    if cfg.queues > crate::steering::MAX_QUEUES {
+        return Err(DatapathError::Queues {
+            iface: cfg.ports[0].name.clone(),
+            have: crate::steering::MAX_QUEUES,
+            want: cfg.queues,
+        });
+    }
     for p in &cfg.ports {
-        let link = host::link_info(&p.name).ok_or_else(|| DatapathError::NoInterface(p.name.clone()))?;
-        if link.xdp_attached {
-            return Err(DatapathError::XdpBusy(p.name.clone()));
-        }
-        if cfg.queues > crate::steering::MAX_QUEUES {
-            return Err(DatapathError::Queues {
-                iface: p.name.clone(),
-                have: crate::steering::MAX_QUEUES,
-                want: cfg.queues,
-            });
-        }
-        if link.rx_queues < cfg.queues {
-            return Err(DatapathError::Queues {
-                iface: p.name.clone(),
-                have: link.rx_queues,
-                want: cfg.queues,
-            });
-        }
+        usable(&p.name, links, cfg.queues)?;
     }
     Ok(())
+}
+
+/// Interface `name` exists, has no XDP program and has `queues` queues.
+fn usable(name: &str, links: &HashMap<String, LinkInfo>, queues: u32) -> Result<LinkInfo, DatapathError> {
+    let link = *links
+        .get(name)
+        .ok_or_else(|| DatapathError::NoInterface(name.to_string()))?;
+    if link.xdp_attached {
+        return Err(DatapathError::XdpBusy(name.to_string()));
+    }
+    if link.rx_queues < queues {
+        return Err(DatapathError::Queues {
+            iface: name.to_string(),
+            have: link.rx_queues,
+            want: queues,
+        });
+    }
+    Ok(link)
 }
 
 impl Datapath {
     /// Starts the datapath on `cfg`'s ports. Its flow state (conntrack
     /// sized by `conntrack`) keeps the steering program's reply index.
     pub fn start(cfg: &DatapathConfig, reader: Reader, conntrack: CtConfig) -> Result<Datapath, DatapathError> {
-        preflight(cfg)?;
+        let links = host::links()?;
+        preflight(cfg, &links)?;
         let (mut steering, replies) = Steering::load(conntrack.capacity)?;
         let flows = Arc::new(FlowState::with_reply_index(conntrack, replies));
+        let mut ports = PortTable::default();
         for p in &cfg.ports {
-            steering.attach(&p.name, p.role)?;
+            let port = Port {
+                name: p.name.clone(),
+                role: p.role,
+                ifindex: links[&p.name].ifindex,
+            };
+            let id = ports.insert(port)?;
+            steering.attach(id, &ports[id])?;
         }
         steering.sync_from(&reader.load())?;
-        let mut ports = cfg.ports.clone();
         let host = match &cfg.host {
             Some(h) => {
-                let uplink = ports
-                    .iter()
-                    .find(|p| p.role == PortRole::Uplink)
-                    .map(|p| p.name.as_str());
-                let src = uplink.and_then(host::first_ipv4).ok_or_else(|| TunError::Route {
+                let uplink = &ports[ports.with_role(PortRole::Uplink).ok_or(DatapathError::Uplinks(0))?];
+                let src = host::first_ipv4(&uplink.name).ok_or_else(|| TunError::Route {
                     name: h.name.clone(),
                     what: "service addresses".into(),
                     reason: "the uplink has no IPv4 address to use as their source".into(),
                 })?;
                 let tun = HostTun::open(&h.name, &h.cidrs, src)?;
-                ports.push(PortSpec {
+                let id = ports.insert(Port {
                     name: h.name.clone(),
                     role: PortRole::Host,
-                });
-                Some(Arc::new(tun))
+                    ifindex: tun.ifindex,
+                })?;
+                Some(HostPort { tun: Arc::new(tun), id })
             }
             None => None,
         };
-        let names: Vec<PortName> = ports.iter().map(port_name).collect();
         let mut workers = Vec::with_capacity(cfg.queues as usize);
         for queue in 0..cfg.queues {
-            let set = XskSet::open(&names, queue, cfg.rings, cfg.zero_copy)?;
-            for (name, port) in names.iter().zip(&set.ports) {
-                let Some(port) = port else {
+            let sockets = WorkerSockets::open(&ports, queue, cfg.rings, cfg.zero_copy, cfg.umem_layout)?;
+            for (id, port) in ports.iter() {
+                let Some(fd) = sockets.fd(id) else {
                     continue; // the TUN device: no socket
                 };
-                steering.bind_socket(&name.name, queue, port.fd())?;
-                let mode = if port.copy_mode { "copy" } else { "zero-copy" };
-                tracing::info!(iface = %name.name, queue, mode, "AF_XDP socket bound");
+                steering.bind_socket(id, queue, fd)?;
+                let mode = if sockets.copy_mode(id) { "copy" } else { "zero-copy" };
+                tracing::info!(iface = %port.name, queue, mode, umems = sockets.umems(), "AF_XDP socket bound");
             }
             let core = (!cfg.cores.is_empty()).then(|| cfg.cores[queue as usize % cfg.cores.len()]);
             let spec = WorkerSpec {
@@ -169,102 +179,71 @@ impl Datapath {
                 batch: cfg.batch,
                 // Every worker reads the TUN device (each read takes one
                 // packet) and writes the replies it routes to the node.
-                host: host.clone().map(|tun| HostPort {
-                    tun,
-                    index: ports.len() - 1,
+                host: host.as_ref().map(|h| HostPort {
+                    tun: h.tun.clone(),
+                    id: h.id,
                 }),
             };
-            workers.push(worker::spawn(spec, set, reader.clone(), flows.clone())?);
+            workers.push(worker::spawn(spec, sockets, reader.clone(), flows.clone())?);
         }
         Ok(Datapath {
             workers,
             steering,
-            ifindexes: ports
-                .iter()
-                .map(|p| host::link_info(&p.name).map_or(0, |l| l.ifindex))
-                .collect(),
-            ports: ports.into_iter().map(Some).collect(),
+            ports,
             queues: cfg.queues,
         })
     }
 
-    /// The ports by `PortId` (holes where ports were removed).
-    pub fn ports(&self) -> &[Option<PortSpec>] {
+    /// The ports kxp serves.
+    pub fn ports(&self) -> &PortTable {
         &self.ports
     }
 
-    /// Whether port `name` is still the interface it was attached to (not
-    /// deleted, not deleted and re-created under the same name), given the
-    /// namespace's `links`.
-    pub fn port_alive(&self, name: &str, links: &HashMap<String, host::LinkInfo>) -> bool {
-        let Some(i) = self
-            .ports
-            .iter()
-            .position(|p| p.as_ref().is_some_and(|p| p.name == name))
-        else {
-            return false;
+    /// Serves a new interface (a pod's veth that appeared), given the
+    /// namespace's `links`: attaches the program, opens a socket on every
+    /// worker's queue, steers them. Returns its `PortId`. Publish tables
+    /// that know the port (host facts) before traffic needs it; until then
+    /// its frames are dropped as `unknown_port`.
+    pub fn add_port(&mut self, spec: &PortSpec, links: &HashMap<String, LinkInfo>) -> Result<PortId, DatapathError> {
+        let link = usable(&spec.name, links, self.queues)?;
+        let port = Port {
+            name: spec.name.clone(),
+            role: spec.role,
+            ifindex: link.ifindex,
         };
-        links.get(name).is_some_and(|l| l.ifindex == self.ifindexes[i])
+        let id = self.ports.insert(port.clone())?;
+        let served = self.serve(id, &port);
+        if served.is_err() {
+            for w in &self.workers {
+                w.remove_port(id);
+            }
+            let _ = self.steering.detach(id, &port);
+            self.ports.remove(id);
+        }
+        served.map(|()| id)
     }
 
-    /// Serves a new interface (a pod's veth that appeared): attaches the
-    /// program, opens a socket on every worker's queue, steers them.
-    /// Returns its `PortId` index. Publish tables that know the port (host
-    /// facts) before traffic needs it; until then its frames are dropped as
-    /// `unknown_port`.
-    pub fn add_port(&mut self, spec: PortSpec) -> Result<usize, DatapathError> {
-        let link = host::link_info(&spec.name).ok_or_else(|| DatapathError::NoInterface(spec.name.clone()))?;
-        if link.xdp_attached {
-            return Err(DatapathError::XdpBusy(spec.name.clone()));
-        }
-        if link.rx_queues < self.queues {
-            return Err(DatapathError::Queues {
-                iface: spec.name.clone(),
-                have: link.rx_queues,
-                want: self.queues,
-            });
-        }
-        let index = self.ports.iter().position(Option::is_none).unwrap_or(self.ports.len());
-        self.steering.attach(&spec.name, spec.role)?;
+    fn serve(&mut self, id: PortId, port: &Port) -> Result<(), DatapathError> {
+        self.steering.attach(id, port)?;
         for (queue, w) in (0..self.queues).zip(&self.workers) {
-            let fd = match w.add_port(index, port_name(&spec)) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    for w in &self.workers {
-                        w.remove_port(index);
-                    }
-                    let _ = self.steering.detach(&spec.name);
-                    return Err(e.into());
-                }
-            };
-            self.steering.bind_socket(&spec.name, queue, fd)?;
+            let fd = w.add_port(id, port.clone())?;
+            self.steering.bind_socket(id, queue, fd)?;
         }
-        if index == self.ports.len() {
-            self.ports.push(Some(spec));
-            self.ifindexes.push(link.ifindex);
-        } else {
-            self.ports[index] = Some(spec);
-            self.ifindexes[index] = link.ifindex;
-        }
-        Ok(index)
+        Ok(())
     }
 
-    /// Stops serving `name` (its pod went away): detaches the program and
-    /// closes its sockets, taking their frames back.
-    pub fn remove_port(&mut self, name: &str) -> Result<(), SteeringError> {
-        let Some(index) = self
-            .ports
-            .iter()
-            .position(|p| p.as_ref().is_some_and(|p| p.name == name))
-        else {
+    /// Stops serving port `id` (its pod went away): detaches the program
+    /// and closes its sockets, taking their frames back.
+    pub fn remove_port(&mut self, id: PortId) -> Result<(), SteeringError> {
+        let Some(port) = self.ports.get(id).cloned() else {
             return Ok(());
         };
-        self.steering.detach(name)?;
+        self.steering.detach(id, &port)?;
         for w in &self.workers {
-            let returned = w.remove_port(index);
-            tracing::debug!(iface = %name, returned, "port's frames back in the pool");
+            let returned = w.remove_port(id);
+            tracing::debug!(iface = %port.name, returned, "port's frames back in the pool");
         }
-        self.ports[index] = None;
+        self.ports.remove(id);
         Ok(())
     }
 

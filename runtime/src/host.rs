@@ -15,8 +15,10 @@ use dataplane::tables::{LocalPod, PortInfo, PortRole, Tables};
 
 pub use crate::netlink::LinkInfo;
 use crate::netlink::{NetlinkError, Rtnl};
+use crate::ports::PortTable;
 
-/// One interface kxp serves, in `PortId` order.
+/// An interface kxp is asked to serve (the port table resolves it to the
+/// interface it is).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSpec {
     pub name: String,
@@ -96,57 +98,59 @@ struct Reading {
     uplink_index: u32,
 }
 
-/// Reads the kernel's view for `ports` (by `PortId`, holes where ports
-/// were removed; exactly one uplink), given its interfaces (`links`, read by
-/// the caller, who picks the ports from them). A pod port whose interface
-/// has just vanished reads as a hole; a missing uplink is an error.
+/// Reads the kernel's view for `ports` (exactly one uplink), given its
+/// interfaces (`links`, read by the caller, who picks the ports from
+/// them). Ports are matched by interface index: a pod port whose interface
+/// has just vanished or was re-created reads as a hole; a missing uplink
+/// is an error.
 fn read(
     rtnl: &mut Rtnl,
     links: &HashMap<String, LinkInfo>,
-    ports: &[Option<PortSpec>],
+    ports: &PortTable,
     vxlan_device: &str,
 ) -> Result<Reading, HostError> {
-    let is = |p: &Option<PortSpec>, role| p.as_ref().is_some_and(|p| p.role == role);
-    let uplinks: Vec<usize> = (0..ports.len()).filter(|&i| is(&ports[i], PortRole::Uplink)).collect();
+    let uplinks: Vec<PortId> = ports
+        .iter()
+        .filter(|(_, p)| p.role == PortRole::Uplink)
+        .map(|(id, _)| id)
+        .collect();
     if uplinks.len() != 1 {
         return Err(HostError::Uplinks(uplinks.len()));
     }
-    let uplink = PortId(uplinks[0] as u16);
+    let uplink = uplinks[0];
+    let by_index: HashMap<u32, &LinkInfo> = links.values().map(|l| (l.ifindex, l)).collect();
     let hole = PortInfo {
         name: String::new(),
         mac: Mac::default(),
         vlan: None,
         role: PortRole::Pod,
     };
-    let mut infos = Vec::with_capacity(ports.len());
+    let mut infos = vec![hole; ports.len()];
     let mut uplink_mtu = 1500;
     // Pod ports by interface index.
     let mut pod_port_of = HashMap::new();
-    for (i, p) in ports.iter().enumerate() {
-        let info = match p {
-            Some(p) => match links.get(&p.name).copied() {
-                Some(link) => {
-                    if p.role == PortRole::Uplink {
-                        uplink_mtu = link.mtu;
-                    }
-                    if p.role == PortRole::Pod {
-                        pod_port_of.insert(link.ifindex, PortId(i as u16));
-                    }
-                    PortInfo {
-                        name: p.name.clone(),
-                        mac: link.mac,
-                        vlan: None,
-                        role: p.role,
-                    }
-                }
-                None if p.role == PortRole::Uplink => return Err(HostError::NoInterface(p.name.clone())),
-                None => hole.clone(),
-            },
-            None => hole.clone(),
+    for (id, p) in ports.iter() {
+        let Some(link) = by_index.get(&p.ifindex) else {
+            if p.role == PortRole::Uplink {
+                return Err(HostError::NoInterface(p.name.clone()));
+            }
+            continue;
         };
-        infos.push(info);
+        match p.role {
+            PortRole::Uplink => uplink_mtu = link.mtu,
+            PortRole::Pod => {
+                pod_port_of.insert(link.ifindex, id);
+            }
+            PortRole::Host => {}
+        }
+        infos[usize::from(id.0)] = PortInfo {
+            name: p.name.clone(),
+            mac: link.mac,
+            vlan: None,
+            role: p.role,
+        };
     }
-    let uplink_index = links[&infos[uplinks[0]].name].ifindex;
+    let uplink_index = ports[uplink].ifindex;
     let addrs = rtnl.addresses()?;
     let routes = rtnl.routes()?;
     let neigh = rtnl.neighbours()?;
@@ -185,10 +189,7 @@ fn read(
         ports: infos,
         uplink,
         uplink_mtu,
-        host_port: ports
-            .iter()
-            .position(|p| p.as_ref().is_some_and(|p| p.role == PortRole::Host))
-            .map(|i| PortId(i as u16)),
+        host_port: ports.with_role(PortRole::Host),
         uplink_ip,
         uplink_subnet,
         gateway,
@@ -212,7 +213,7 @@ fn read(
 /// are logged and asked again on the next call.
 pub fn observe_for(
     links: &HashMap<String, LinkInfo>,
-    ports: &[Option<PortSpec>],
+    ports: &PortTable,
     vxlan_device: &str,
     t: &Tables,
 ) -> Result<HostFacts, HostError> {

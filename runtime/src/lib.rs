@@ -11,6 +11,8 @@
 pub mod datapath;
 pub mod host;
 pub mod netlink;
+pub mod ports;
+pub mod sockets;
 pub mod steering;
 pub mod tun;
 pub mod worker;

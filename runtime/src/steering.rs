@@ -10,9 +10,11 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpFlags};
 use aya::{Ebpf, EbpfLoader, Pod};
-use dataplane::addr::{Frontend, Proto};
+use dataplane::addr::{Frontend, PortId, Proto};
 use dataplane::flow::reply_index::{IndexMemory, ReplyIndex, WORDS_PER_BUCKET};
 use dataplane::tables::{PortRole, Tables};
+
+use crate::ports::Port;
 
 /// The compiled program (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.bpf.o"));
@@ -27,8 +29,8 @@ pub enum SteeringError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("interface {iface} not found in this network namespace: {reason}")]
-    Interface { iface: String, reason: String },
+    #[error("port {port} queue {queue} has no slot in the steering maps (kxp serves {MAX_PORTS} ports of {MAX_QUEUES} queues)")]
+    Slot { port: u16, queue: u32 },
     #[error("the XDP program has no map or program named {0}: the object and this build disagree")]
     Missing(&'static str),
     #[error(
@@ -98,12 +100,6 @@ unsafe impl Pod for PortEntry {}
 pub const MAX_PORTS: u32 = 1024;
 pub const MAX_QUEUES: u32 = 16;
 
-struct Attached {
-    ifindex: u32,
-    slot: u32,
-    link: XdpLinkId,
-}
-
 /// What the maps hold, as last written, so a publish writes only the
 /// difference (reading keys back from the kernel costs a syscall each).
 #[derive(Default)]
@@ -120,7 +116,8 @@ struct Synced {
 /// maps: a publish is written once, whatever the number of ports.
 pub struct Steering {
     ebpf: Ebpf,
-    ports: std::collections::BTreeMap<String, Attached>,
+    /// The program's attachment to each port.
+    links: std::collections::BTreeMap<PortId, XdpLinkId>,
     synced: Synced,
     index_seed: u64,
     index_mask: u32,
@@ -278,7 +275,7 @@ impl Steering {
             ReplyIndex::over(Box::new(memory), ReplyIndex::random_seed()).expect("whole buckets, a power of two");
         let mut s = Steering {
             ebpf,
-            ports: Default::default(),
+            links: Default::default(),
             synced: Synced::default(),
             index_seed: index.seed(),
             index_mask: bucket_count - 1,
@@ -290,49 +287,42 @@ impl Steering {
         Ok((s, index))
     }
 
-    /// Attaches in native (driver) mode through a BPF link: the program goes
-    /// away with this process, however it ends. `role` says whether the
-    /// interface faces local pods (their traffic to other nodes' pods is
-    /// kxp's) or the underlay. Returns the port's slot.
-    pub fn attach(&mut self, iface: &str, role: PortRole) -> Result<u32, SteeringError> {
-        let err = |reason: String| SteeringError::Interface {
-            iface: iface.to_string(),
-            reason,
-        };
-        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| err(e.to_string()))?;
-        let slot = (0..MAX_PORTS)
-            .find(|s| !self.ports.values().any(|a| a.slot == *s))
-            .ok_or_else(|| err(format!("kxp serves at most {MAX_PORTS} ports")))?;
+    /// Attaches to `port` in native (driver) mode through a BPF link: the
+    /// program goes away with this process, however it ends. Its slot in
+    /// the maps is its `PortId`; its role says whether the interface faces
+    /// local pods (their traffic to other nodes' pods is kxp's) or the
+    /// underlay.
+    pub fn attach(&mut self, id: PortId, port: &Port) -> Result<(), SteeringError> {
         let entry = PortEntry {
-            slot,
-            is_pod: u32::from(role == PortRole::Pod),
+            slot: u32::from(id.0),
+            is_pod: u32::from(port.role == PortRole::Pod),
         };
         let mut ports: HashMap<&mut MapData, u32, PortEntry> = self.map("ports")?;
         ports
-            .insert(ifindex, entry, 0)
+            .insert(port.ifindex, entry, 0)
             .map_err(|source| SteeringError::Map { map: "ports", source })?;
         let link = self
             .program()?
-            .attach(iface, XdpFlags::DRV_MODE)
+            .attach_to_if_index(port.ifindex, XdpFlags::DRV_MODE)
             .map_err(|source| SteeringError::Attach {
-                iface: iface.into(),
+                iface: port.name.clone(),
                 source,
             })?;
-        self.ports.insert(iface.to_string(), Attached { ifindex, slot, link });
-        Ok(slot)
+        self.links.insert(id, link);
+        Ok(())
     }
 
-    /// Detaches from `iface` (e.g. a pod's veth that is going away); its
+    /// Detaches from `port` (e.g. a pod's veth that is going away); its
     /// frames take XDP_PASS from now on.
-    pub fn detach(&mut self, iface: &str) -> Result<(), SteeringError> {
-        let Some(a) = self.ports.remove(iface) else {
+    pub fn detach(&mut self, id: PortId, port: &Port) -> Result<(), SteeringError> {
+        let Some(link) = self.links.remove(&id) else {
             return Ok(());
         };
         let mut ports: HashMap<&mut MapData, u32, PortEntry> = self.map("ports")?;
-        let _ = ports.remove(&a.ifindex);
+        let _ = ports.remove(&port.ifindex);
         // Its sockets' XSKMAP entries go when the sockets close.
         // The link may already be gone with the interface.
-        let _ = self.program()?.detach(a.link);
+        let _ = self.program()?.detach(link);
         Ok(())
     }
 
@@ -347,25 +337,14 @@ impl Steering {
             })
     }
 
-    /// Steers `iface`'s receive queue `queue` to the AF_XDP socket `fd`.
+    /// Steers port `id`'s receive queue `queue` to the AF_XDP socket `fd`.
     /// Until it is set, that queue's frames take XDP_PASS.
-    pub fn bind_socket(&mut self, iface: &str, queue: u32, fd: std::os::fd::RawFd) -> Result<(), SteeringError> {
-        let slot = self
-            .ports
-            .get(iface)
-            .ok_or_else(|| SteeringError::Interface {
-                iface: iface.to_string(),
-                reason: "not attached".into(),
-            })?
-            .slot;
-        if queue >= MAX_QUEUES {
-            return Err(SteeringError::Interface {
-                iface: iface.to_string(),
-                reason: format!("queue {queue}: kxp serves queues 0..{MAX_QUEUES}"),
-            });
+    pub fn bind_socket(&mut self, id: PortId, queue: u32, fd: std::os::fd::RawFd) -> Result<(), SteeringError> {
+        if queue >= MAX_QUEUES || u32::from(id.0) >= MAX_PORTS {
+            return Err(SteeringError::Slot { port: id.0, queue });
         }
         let mut xsks: XskMap<&mut MapData> = self.map("xsks")?;
-        xsks.set(slot * MAX_QUEUES + queue, fd, 0)
+        xsks.set(u32::from(id.0) * MAX_QUEUES + queue, fd, 0)
             .map_err(|source| SteeringError::Map { map: "xsks", source })
     }
 

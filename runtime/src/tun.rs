@@ -36,6 +36,7 @@ pub enum TunError {
 pub struct HostTun {
     file: File,
     pub name: String,
+    pub ifindex: u32,
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags (the
@@ -77,10 +78,6 @@ impl HostTun {
         if rc < 0 {
             return Err(err(std::io::Error::last_os_error().to_string()));
         }
-        let tun = HostTun {
-            file,
-            name: name.to_string(),
-        };
         let route_err = |what: String| {
             let name = name.to_string();
             move |e: crate::netlink::NetlinkError| TunError::Route {
@@ -106,7 +103,11 @@ impl HostTun {
         let back = Cidr::of(HOST_SNAT_IP, 32);
         rtnl.replace_route(back, index, None)
             .map_err(route_err(back.to_string()))?;
-        Ok(tun)
+        Ok(HostTun {
+            file,
+            name: name.to_string(),
+            ifindex: index,
+        })
     }
 
     /// One packet from the node into `buf`, or `None` when there is none.

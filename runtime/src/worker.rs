@@ -1,5 +1,5 @@
 //! A pinned worker thread: batch RX from queue `q` of every port -> engine
-//! -> batch TX, on one UMEM. No syscall per packet on the ports: RX and
+//! -> batch TX, on its sockets (one UMEM, or two: see `sockets`). No syscall per packet on the ports: RX and
 //! completion rings are read without one, TX costs a wakeup per port per
 //! batch (per 32 frames in copy mode, the kernel's budget per wakeup), and
 //! an idle worker sleeps in poll(2) instead of spinning. The node's own
@@ -25,8 +25,10 @@ use dataplane::{Frame, Reader, Stats, Time, Verdict};
 use hdrhistogram::Histogram;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
+use crate::ports::Port;
+use crate::sockets::WorkerSockets;
 use crate::tun::{HostTun, L2_LEN};
-use crate::xsk::{FrameAccount, KernelDrops, OwnedFrame, PortName, XskError, XskSet};
+use crate::xsk::{FrameAccount, KernelDrops, OwnedFrame, XskError};
 
 const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// Empty polls of the rings before the worker sleeps in poll(2).
@@ -50,6 +52,12 @@ pub struct RuntimeCounters {
     pub oversized: u64,
     /// Packets for the node's own stack its TUN device would not take.
     pub host_dropped: u64,
+    /// Frames copied between the worker's two UMEMs (zero-copy uplink,
+    /// copy-mode pods).
+    pub umem_copies: u64,
+    /// Frames dropped because the other UMEM had no free frame to copy
+    /// into.
+    pub umem_copy_no_frame: u64,
 }
 
 /// What one worker has done so far.
@@ -64,8 +72,10 @@ pub struct WorkerReport {
     pub frames: FrameAccount,
     /// The kernel's side: frames it could not give this worker.
     pub kernel: KernelDrops,
-    /// Per port: bound in copy mode (else zero-copy).
+    /// Per socket: bound in copy mode (else zero-copy).
     pub copy_mode: Vec<bool>,
+    /// The worker's UMEMs: 1, or 2 with pods apart from the uplink.
+    pub umems: usize,
     pub running: bool,
 }
 
@@ -80,6 +90,7 @@ impl WorkerReport {
             frames: FrameAccount::default(),
             kernel: KernelDrops::default(),
             copy_mode: Vec::new(),
+            umems: 0,
             running: true,
         }
     }
@@ -99,10 +110,10 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Has the worker open a socket for `port` as port `index`, between
+    /// Has the worker open a socket for `port` as port `id`, between
     /// batches (within REPORT_EVERY); returns the socket's fd for the
     /// XSKMAP.
-    pub fn add_port(&self, index: usize, port: PortName) -> Result<RawFd, XskError> {
+    pub fn add_port(&self, id: PortId, port: Port) -> Result<RawFd, XskError> {
         let (reply, answer) = mpsc::channel();
         let gone = || XskError::Socket {
             iface: port.name.clone(),
@@ -111,7 +122,7 @@ impl WorkerHandle {
         };
         self.commands
             .send(Command::AddPort {
-                index,
+                id,
                 port: port.clone(),
                 reply,
             })
@@ -119,11 +130,11 @@ impl WorkerHandle {
         answer.recv().map_err(|_| gone())?
     }
 
-    /// Closes port `index` on the worker; returns the frames that came back
+    /// Closes port `id` on the worker; returns the frames that came back
     /// from its rings.
-    pub fn remove_port(&self, index: usize) -> usize {
+    pub fn remove_port(&self, id: PortId) -> usize {
         let (reply, answer) = mpsc::channel();
-        if self.commands.send(Command::RemovePort { index, reply }).is_err() {
+        if self.commands.send(Command::RemovePort { id, reply }).is_err() {
             return 0;
         }
         answer.recv().unwrap_or(0)
@@ -172,7 +183,12 @@ pub struct WorkerSpec {
     pub host: Option<HostPort>,
 }
 
-pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState>) -> std::io::Result<WorkerHandle> {
+pub fn spawn(
+    spec: WorkerSpec,
+    set: WorkerSockets,
+    reader: Reader,
+    flows: Arc<FlowState>,
+) -> std::io::Result<WorkerHandle> {
     let report = Arc::new(Mutex::new(WorkerReport::new(spec.queue, spec.core)));
     let stop = Arc::new(AtomicBool::new(false));
     let (commands, inbox) = mpsc::channel();
@@ -217,25 +233,25 @@ pub fn spawn(spec: WorkerSpec, set: XskSet, reader: Reader, flows: Arc<FlowState
 
 /// A change to a running worker's ports, answered on `reply`.
 pub enum Command {
-    /// Open a socket for `port` at index `index` (its `PortId`); replies
-    /// with its fd for the XSKMAP.
+    /// Open a socket for `port` as port `id`; replies with its fd for the
+    /// XSKMAP.
     AddPort {
-        index: usize,
-        port: PortName,
+        id: PortId,
+        port: Port,
         reply: mpsc::Sender<Result<RawFd, XskError>>,
     },
-    /// Close port `index`'s socket and take its frames back; replies with
-    /// the frames written off (sent but never completed).
-    RemovePort { index: usize, reply: mpsc::Sender<usize> },
+    /// Close port `id`'s socket and take its frames back; replies with how
+    /// many came back from its rings.
+    RemovePort { id: PortId, reply: mpsc::Sender<usize> },
 }
 
-fn apply(set: &mut XskSet, cmd: Command) {
+fn apply(set: &mut WorkerSockets, cmd: Command) {
     match cmd {
-        Command::AddPort { index, port, reply } => {
-            let _ = reply.send(set.add_port(index, &port));
+        Command::AddPort { id, port, reply } => {
+            let _ = reply.send(set.add_port(id, &port));
         }
-        Command::RemovePort { index, reply } => {
-            let _ = reply.send(set.remove_port(index));
+        Command::RemovePort { id, reply } => {
+            let _ = reply.send(set.remove_port(id));
         }
     }
 }
@@ -243,8 +259,7 @@ fn apply(set: &mut XskSet, cmd: Command) {
 /// Where a worker sends frames the engine routes to the node's own stack.
 pub struct HostPort {
     pub tun: Arc<HostTun>,
-    /// Its `PortId` index.
-    pub index: usize,
+    pub id: PortId,
 }
 
 /// Runs one received frame through the engine and puts it where the
@@ -252,7 +267,7 @@ pub struct HostPort {
 /// list.
 #[allow(clippy::too_many_arguments)]
 fn forward(
-    set: &mut XskSet,
+    set: &mut WorkerSockets,
     engine: &mut dataplane::Worker,
     now: Time,
     tables: &dataplane::Tables,
@@ -262,33 +277,34 @@ fn forward(
     host: Option<&HostPort>,
     counters: &mut RuntimeCounters,
 ) {
-    let (buf, off, len) = set.frame_mut(&mut desc);
+    let frames = set.set_for(&desc);
+    let (buf, off, len) = frames.frame_mut(&mut desc);
     let mut frame = Frame::new(buf, off, len);
     match engine.process(now, tables, PortId(ingress as u16), &mut frame) {
-        Verdict::Tx(PortId(q)) if host.is_some_and(|h| h.index == usize::from(q)) => {
+        Verdict::Tx(q) if host.is_some_and(|h| h.id == q) => {
             // Into the node's stack: the IP packet, without the Ethernet
             // header the engine wrote.
             let sent = frame.len() > L2_LEN && host.is_some_and(|h| h.tun.write(&frame.data()[L2_LEN..]));
             if !sent {
                 counters.host_dropped += 1;
             }
-            set.release(desc);
+            frames.release(desc);
         }
         Verdict::Tx(PortId(q)) if usize::from(q) < out.len() => {
             let (off, len) = (frame.headroom(), frame.len());
-            if set.set_packet(&mut desc, off, len) {
-                out[usize::from(q)].push(desc);
-            } else {
+            if !frames.set_packet(&mut desc, off, len) {
                 counters.oversized += 1;
-                set.release(desc);
+                frames.release(desc);
+            } else if let Some(desc) = set.carry(usize::from(q), desc) {
+                out[usize::from(q)].push(desc);
             }
         }
-        Verdict::Tx(_) => set.release(desc),
+        Verdict::Tx(_) => frames.release(desc),
         Verdict::Pass => {
             counters.kernel_return_dropped += 1;
-            set.release(desc);
+            frames.release(desc);
         }
-        Verdict::Drop(_) => set.release(desc),
+        Verdict::Drop(_) => frames.release(desc),
     }
 }
 
@@ -296,7 +312,7 @@ fn forward(
 /// forwards them; returns how many.
 #[allow(clippy::too_many_arguments)]
 fn host_rx(
-    set: &mut XskSet,
+    set: &mut WorkerSockets,
     engine: &mut dataplane::Worker,
     now: Time,
     tables: &dataplane::Tables,
@@ -310,23 +326,25 @@ fn host_rx(
         let Some(mut desc) = set.take_free() else {
             break;
         };
-        let (buf, off, _) = set.frame_mut(&mut desc);
+        let frames = set.set_for(&desc);
+        let (buf, off, _) = frames.frame_mut(&mut desc);
         let Some(n) = host.tun.read(&mut buf[off + L2_LEN..]) else {
-            set.release(desc);
+            frames.release(desc);
             break;
         };
         if buf[off + L2_LEN] >> 4 != 4 {
             // The node's IPv6 chatter on a new device (router solicitations,
             // MLD): not kxp's, and nowhere to go.
-            set.release(desc);
+            frames.release(desc);
             continue;
         }
         // An Ethernet header so the engine sees a frame like any port's.
         buf[off..off + 12].fill(0);
         buf[off + 12..off + 14].copy_from_slice(&0x0800u16.to_be_bytes());
-        set.set_packet(&mut desc, off, L2_LEN + n);
+        frames.set_packet(&mut desc, off, L2_LEN + n);
         got += 1;
-        forward(set, engine, now, tables, host.index, desc, out, Some(host), counters);
+        let ingress = usize::from(host.id.0);
+        forward(set, engine, now, tables, ingress, desc, out, Some(host), counters);
     }
     got
 }
@@ -337,7 +355,7 @@ const HOST_EVERY: u32 = 8;
 #[allow(clippy::too_many_arguments)]
 fn run(
     batch: usize,
-    mut set: XskSet,
+    mut set: WorkerSockets,
     reader: Reader,
     mut engine: dataplane::Worker,
     shared: &Mutex<WorkerReport>,
@@ -345,7 +363,7 @@ fn run(
     commands: mpsc::Receiver<Command>,
     host: Option<HostPort>,
 ) {
-    let mut nports = set.ports.len();
+    let mut nports = set.port_slots();
     let mut rx: Vec<OwnedFrame> = Vec::with_capacity(batch);
     let mut out: Vec<Vec<OwnedFrame>> = (0..nports).map(|_| Vec::with_capacity(batch)).collect();
     let mut counters = RuntimeCounters::default();
@@ -404,8 +422,8 @@ fn run(
             while let Ok(cmd) = commands.try_recv() {
                 apply(&mut set, cmd);
             }
-            if set.ports.len() != nports {
-                nports = set.ports.len();
+            if set.port_slots() != nports {
+                nports = set.port_slots();
                 out.resize_with(nports, || Vec::with_capacity(batch));
             }
             engine.housekeeping(now);
@@ -428,31 +446,29 @@ fn publish(
     engine: &dataplane::Worker,
     counters: &RuntimeCounters,
     latency: &mut Histogram<u64>,
-    set: &XskSet,
+    set: &WorkerSockets,
     running: bool,
 ) {
     let mut r = shared.lock().unwrap_or_else(|e| e.into_inner());
     r.stats = engine.stats.clone();
-    r.runtime = *counters;
+    r.runtime = RuntimeCounters {
+        umem_copies: set.carried,
+        umem_copy_no_frame: set.carry_no_frame,
+        ..*counters
+    };
     let _ = r.latency.add(&*latency);
     latency.reset();
     r.frames = set.account();
     r.kernel = set.kernel_drops();
-    if r.copy_mode.is_empty() {
-        r.copy_mode = set.ports.iter().flatten().map(|p| p.copy_mode).collect();
-    }
+    r.copy_mode = set.copy_modes();
+    r.umems = set.umems();
     r.running = running;
 }
 
 /// Sleeps until a port (or the node's TUN device) has frames to receive, or
 /// SLEEP_MS.
-fn sleep_until_readable(set: &XskSet, host: Option<&HostPort>) {
-    let fds = set
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| p.fd())
-        .chain(host.map(|h| h.tun.fd()));
+fn sleep_until_readable(set: &WorkerSockets, host: Option<&HostPort>) {
+    let fds = set.fds().into_iter().chain(host.map(|h| h.tun.fd()));
     let mut polled: Vec<PollFd> = fds
         // SAFETY: the fds belong to sockets `set` owns and to the TUN device
         // `host` holds, all of which outlive this call; poll(2) only reads

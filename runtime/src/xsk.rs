@@ -1,7 +1,8 @@
-//! One worker's AF_XDP sockets: queue `q` of every port, all on one UMEM,
-//! so a frame received on one port is transmitted on another without a
-//! copy. Ports come and go (pods do): a port index is its `PortId`, and a
-//! removed port leaves a hole that the next new port fills.
+//! One UMEM and the AF_XDP sockets on it: queue `q` of each port of the
+//! set, so a frame received on one port is transmitted on another without
+//! a copy. A worker has one or two of these (see `sockets`). Ports come and
+//! go (pods do): sockets are kept by `PortId`, with holes for removed ports
+//! and for ports of the worker's other set.
 //!
 //! **Frames are owned, and the types say so.** A frame the worker holds is
 //! an [`OwnedFrame`]: not `Copy`, not `Clone`, made only here (by `receive`
@@ -27,9 +28,12 @@ use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use dataplane::addr::PortId;
 use dataplane::tables::PortRole;
 use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+use crate::ports::Port;
 
 /// UMEM frame size: one page, room for a 1500-byte packet, 256 bytes of
 /// headroom (VXLAN encap grows frames at the front) and more.
@@ -66,12 +70,23 @@ pub const POD_RING: u32 = 1024;
 /// pods share the pool more thinly.
 pub const SPARE_POD_PORTS: usize = 8;
 
-/// One port of a set: its name and what it faces. A `Host` port (the TUN
-/// device) has no socket: its index stays a hole in the set.
-#[derive(Clone, Debug)]
-pub struct PortName {
-    pub name: String,
-    pub role: PortRole,
+/// How a set's sockets bind: all alike, since sockets sharing a UMEM
+/// inherit the first one's mode (libxdp binds them with XDP_SHARED_UMEM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindMode {
+    ZeroCopy,
+    Copy,
+}
+
+/// Frames a port of `role` needs in its set: its fill and TX rings full at
+/// once.
+pub fn frames_for(role: PortRole, sizes: RingSizes) -> usize {
+    match role {
+        PortRole::Pod => 2 * POD_RING.min(sizes.fill) as usize,
+        PortRole::Uplink => (sizes.fill + sizes.tx) as usize,
+        // Frames read from the node's TUN device, a batch at a time.
+        PortRole::Host => sizes.rx.min(256) as usize,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,9 +149,10 @@ pub struct KernelDrops {
     pub invalid_descs: u64,
 }
 
-pub struct Port {
-    pub tx: TxQueue,
-    pub rx: RxQueue,
+/// One port's socket and its rings.
+struct PortSocket {
+    tx: TxQueue,
+    rx: RxQueue,
     fill: FillQueue,
     comp: CompQueue,
     /// Frames on the fill ring.
@@ -145,12 +161,11 @@ pub struct Port {
     fill_target: usize,
     /// Frames on the TX ring, until their completion.
     in_tx: usize,
-    /// Bound in copy mode (not every driver of the set has zero-copy).
-    pub copy_mode: bool,
+    copy_mode: bool,
 }
 
-impl Port {
-    pub fn fd(&self) -> RawFd {
+impl PortSocket {
+    fn fd(&self) -> RawFd {
         self.rx.fd().as_raw_fd()
     }
 }
@@ -159,8 +174,8 @@ pub struct XskSet {
     umem: Umem,
     /// Tells this set's frames from another's.
     id: u32,
-    /// By `PortId`; `None` where a port was removed.
-    pub ports: Vec<Option<Port>>,
+    /// By `PortId`; `None` where a port was removed or is another set's.
+    ports: Vec<Option<PortSocket>>,
     free: Vec<FrameDesc>,
     /// Where each frame is, by frame index (address / FRAME_SIZE).
     place: Vec<Place>,
@@ -177,25 +192,16 @@ pub struct XskSet {
 }
 
 impl XskSet {
-    /// Opens an AF_XDP socket on queue `queue` of each port, all sharing one
-    /// UMEM, and fills every fill ring. kxp's own XDP program steers to
-    /// them (libxdp loads none). With `zero_copy` the set is tried in
-    /// zero-copy mode first (every driver must support it) and falls back to
-    /// copy mode (veth: EOPNOTSUPP).
-    pub fn open(ports: &[PortName], queue: u32, sizes: RingSizes, zero_copy: bool) -> Result<XskSet, XskError> {
-        if zero_copy {
-            match XskSet::open_in(ports, queue, sizes, BindFlags::XDP_ZEROCOPY) {
-                Ok(set) => return Ok(set),
-                Err(e) => tracing::debug!(queue, error = %e, "no zero-copy on every port; using copy mode"),
-            }
-        }
-        XskSet::open_in(ports, queue, sizes, BindFlags::XDP_COPY)
-    }
-
-    /// `open` in one mode for every socket: sockets sharing a UMEM inherit
-    /// the first one's mode (libxdp binds them with XDP_SHARED_UMEM), so a
-    /// set is all zero-copy or all copy mode.
-    fn open_in(ports: &[PortName], queue: u32, sizes: RingSizes, mode: BindFlags) -> Result<XskSet, XskError> {
+    /// Makes a UMEM of `frames` frames and opens an AF_XDP socket on queue
+    /// `queue` of each of `ports` on it, in `mode`, filling every fill
+    /// ring. kxp's own XDP program steers to them (libxdp loads none).
+    pub fn open(
+        ports: &[(PortId, &Port)],
+        queue: u32,
+        sizes: RingSizes,
+        mode: BindMode,
+        frames: usize,
+    ) -> Result<XskSet, XskError> {
         let q = |n: u32| QueueSize::new(n).map_err(|e| XskError::Config(e.to_string()));
         let umem_cfg = UmemConfig::builder()
             .frame_size(FrameSize::new(FRAME_SIZE).map_err(|e| XskError::Config(e.to_string()))?)
@@ -204,16 +210,7 @@ impl XskSet {
             .frame_headroom(0)
             .build()
             .map_err(|e| XskError::Config(e.to_string()))?;
-        // Enough for every port's fill and TX rings to be full at once, and
-        // for pods that arrive later.
-        let per_port = |role: PortRole| match role {
-            PortRole::Pod => 2 * POD_RING.min(sizes.fill) as usize,
-            PortRole::Uplink => (sizes.fill + sizes.tx) as usize,
-            // Frames read from the node's TUN device, a batch at a time.
-            PortRole::Host => sizes.rx.min(256) as usize,
-        };
-        let total = ports.iter().map(|p| per_port(p.role)).sum::<usize>() + SPARE_POD_PORTS * per_port(PortRole::Pod);
-        let count = NonZeroU32::new(total as u32).ok_or_else(|| XskError::Config("no interfaces".into()))?;
+        let count = NonZeroU32::new(frames as u32).ok_or_else(|| XskError::Config("no frames".into()))?;
         let (umem, free) = Umem::new(umem_cfg, count, false).map_err(|e| XskError::Umem(e.to_string()))?;
         static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let mut pristine = free.clone();
@@ -226,27 +223,62 @@ impl XskSet {
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ports: Vec::with_capacity(ports.len()),
             free,
-            place: vec![Place::Free; total],
+            place: vec![Place::Free; frames],
             pristine,
             tx_descs: Vec::with_capacity(sizes.tx as usize),
             scratch: vec![FrameDesc::default(); sizes.comp.max(sizes.rx) as usize],
             queue,
             sizes,
-            mode,
+            mode: match mode {
+                BindMode::ZeroCopy => BindFlags::XDP_ZEROCOPY,
+                BindMode::Copy => BindFlags::XDP_COPY,
+            },
         };
-        for p in ports {
-            if p.role == PortRole::Host {
-                set.ports.push(None);
-            } else {
-                set.add_port(set.ports.len(), p)?;
+        for &(id, p) in ports {
+            if p.role != PortRole::Host {
+                set.add_port(id, p)?;
             }
         }
         Ok(set)
     }
 
-    /// Opens a socket on `port`'s queue as port index `index` (a hole or the
-    /// next index) and gives it fill frames. Returns its fd for the XSKMAP.
-    pub fn add_port(&mut self, index: usize, port: &PortName) -> Result<RawFd, XskError> {
+    /// Whether `f` is one of this set's frames.
+    pub fn owns(&self, f: &OwnedFrame) -> bool {
+        f.set == self.id
+    }
+
+    /// One past the highest `PortId` this set has held a socket for.
+    pub fn port_slots(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn socket(&self, id: PortId) -> Option<&PortSocket> {
+        self.ports.get(usize::from(id.0)).and_then(Option::as_ref)
+    }
+
+    /// Port `id`'s socket fd, if it has one here.
+    pub fn fd(&self, id: PortId) -> Option<RawFd> {
+        self.socket(id).map(PortSocket::fd)
+    }
+
+    /// Whether port `id`'s socket is bound in copy mode.
+    pub fn copy_mode(&self, id: PortId) -> bool {
+        self.socket(id).is_some_and(|p| p.copy_mode)
+    }
+
+    /// The sockets' fds, for poll(2).
+    pub fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.ports.iter().flatten().map(PortSocket::fd)
+    }
+
+    /// Per socket: bound in copy mode (else zero-copy).
+    pub fn copy_modes(&self) -> impl Iterator<Item = bool> + '_ {
+        self.ports.iter().flatten().map(|p| p.copy_mode)
+    }
+
+    /// Opens a socket on `port`'s queue as port `id` and gives it fill
+    /// frames. Returns its fd for the XSKMAP.
+    pub fn add_port(&mut self, id: PortId, port: &Port) -> Result<RawFd, XskError> {
         let err = |reason: String| XskError::Socket {
             iface: port.name.clone(),
             queue: self.queue,
@@ -273,7 +305,7 @@ impl XskSet {
         let (tx, rx, rings) =
             unsafe { Socket::new(cfg, &self.umem, &name, self.queue) }.map_err(|e| err(e.to_string()))?;
         let (fill, comp) = rings.ok_or_else(|| err("the queue is already bound by this UMEM".into()))?;
-        let new = Port {
+        let new = PortSocket {
             tx,
             rx,
             fill,
@@ -288,6 +320,7 @@ impl XskSet {
             copy_mode: self.mode.contains(BindFlags::XDP_COPY),
         };
         let fd = new.fd();
+        let index = usize::from(id.0);
         if index >= self.ports.len() {
             self.ports.resize_with(index + 1, || None);
         }
@@ -303,7 +336,8 @@ impl XskSet {
     /// copied at send time; a zero-copy driver stops the queue's DMA when
     /// the socket unbinds), and the frames still placed there return to
     /// the pool. Returns how many frames came back.
-    pub fn remove_port(&mut self, index: usize) -> usize {
+    pub fn remove_port(&mut self, id: PortId) -> usize {
+        let index = usize::from(id.0);
         let Some(mut p) = self.ports.get_mut(index).and_then(Option::take) else {
             return 0;
         };
@@ -474,6 +508,16 @@ impl XskSet {
         Some(OwnedFrame { desc, set: self.id })
     }
 
+    /// Any free frame, for a packet copied in from the worker's other set
+    /// on its way to one of this set's TX rings. Unlike `take_free` it does
+    /// not wait for the fill rings: the frame comes back when its send
+    /// completes, as the frame it stands in for would have.
+    pub fn take_for_tx(&mut self) -> Option<OwnedFrame> {
+        let desc = self.free.pop()?;
+        self.set_place(&desc, Place::Held);
+        Some(OwnedFrame { desc, set: self.id })
+    }
+
     /// Gives back a frame that will not be sent.
     pub fn release(&mut self, f: OwnedFrame) {
         self.check(&f);
@@ -529,7 +573,7 @@ impl XskSet {
     }
 
     /// Reads `p`'s completion ring into `scratch`; returns how many.
-    fn completions(p: &mut Port, scratch: &mut [FrameDesc]) -> usize {
+    fn completions(p: &mut PortSocket, scratch: &mut [FrameDesc]) -> usize {
         // SAFETY: the completion ring returns frames of this UMEM the
         // kernel has finished sending; nothing else refers to them.
         let n = unsafe { p.comp.consume(scratch) };

@@ -13,6 +13,8 @@ use dataplane::tables::{EndpointInfo, NodeConfig, PortRole, ServiceSpec, Tables}
 use dataplane::Publisher;
 use lab::{node_ip, pod_ip, Lab};
 use runtime::host::{self, PortSpec};
+use runtime::ports::PortTable;
+use runtime::sockets::UmemLayout;
 use runtime::xsk::RingSizes;
 use runtime::{Datapath, DatapathConfig};
 
@@ -30,20 +32,14 @@ fn ports() -> Vec<PortSpec> {
     ]
 }
 
-fn tables() -> Tables {
-    let mut t = Tables::new(NodeConfig::single_uplink(
-        "n1",
-        node_ip(1),
-        "192.168.77.0/24".parse().unwrap(),
-        Mac::default(),
-    ));
-    let ports: Vec<Option<PortSpec>> = ports().into_iter().map(Some).collect();
+/// The node's facts for the datapath's ports, written into `t`.
+fn with_facts(mut t: Tables, ports: &PortTable) -> Tables {
     // The first read asks the kernel to resolve the pods (managed
     // neighbour entries) without waiting; a later read finds them.
     let started = std::time::Instant::now();
     let facts = loop {
         let links = host::links().expect("interfaces");
-        let facts = host::observe_for(&links, &ports, "flannel.1", &t).expect("kernel facts");
+        let facts = host::observe_for(&links, ports, "flannel.1", &t).expect("kernel facts");
         if facts.local_pods.len() == 2 || started.elapsed() > std::time::Duration::from_secs(5) {
             break facts;
         }
@@ -51,6 +47,16 @@ fn tables() -> Tables {
     };
     assert_eq!(facts.local_pods.len(), 2, "both pods resolved: {facts:?}");
     host::apply(&mut t, None, &facts);
+    t
+}
+
+fn service_tables() -> Tables {
+    let mut t = Tables::new(NodeConfig::single_uplink(
+        "n1",
+        node_ip(1),
+        "192.168.77.0/24".parse().unwrap(),
+        Mac::default(),
+    ));
     // iperf3 needs TCP for its control connection, UDP for the flood.
     for (id, proto) in [(1, Proto::Tcp), (2, Proto::Udp)] {
         let mut s = ServiceSpec::cluster_ip(SvcId(id), "lab/flood", VIP, 5201, proto);
@@ -87,7 +93,7 @@ fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
     std::thread::sleep(Duration::from_millis(300));
     let node = lab.nodes[0].host.ns.clone();
     let (during, after) = lab::in_namespace(&node, move || {
-        let publisher = Publisher::new(tables());
+        let publisher = Publisher::new(service_tables());
         let cfg = DatapathConfig {
             ports: ports(),
             queues: 1,
@@ -102,9 +108,13 @@ fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
             batch: 64,
             // veth has no zero-copy: every socket falls back to copy mode.
             zero_copy: true,
+            umem_layout: UmemLayout::Auto,
             host: None,
         };
-        let dp = Datapath::start(&cfg, publisher.reader(), CtConfig::default()).expect("datapath starts");
+        let mut dp = Datapath::start(&cfg, publisher.reader(), CtConfig::default()).expect("datapath starts");
+        let t = with_facts(publisher.draft(), dp.ports());
+        dp.on_publish(&t).expect("steering follows");
+        publisher.publish(t);
         let flood = in_ns(
             &client_ns,
             &[

@@ -4,11 +4,12 @@
 
 use std::net::Ipv4Addr;
 
-use dataplane::addr::{BackendAddr, Endpoint, Mac, Proto, SvcId};
+use dataplane::addr::{BackendAddr, Endpoint, Mac, PortId, Proto, SvcId};
 use dataplane::flow::{CtConfig, CtState, Entry, FlowKey, FlowState};
 use dataplane::tables::{EndpointInfo, NodeConfig, PortRole, RemoteNode, ServiceSpec, Tables};
 use dataplane::time::Time;
 use lab::{node_ip, Lab};
+use runtime::ports::Port;
 use runtime::Steering;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -54,6 +55,16 @@ fn redirected_by(s: &mut Steering, ns: &str, from_port: u16, to: (Ipv4Addr, u16)
     s.stats().unwrap().redirected - before
 }
 
+/// Interface `name` of the calling thread's namespace as a port.
+fn port(name: &str, role: PortRole) -> Port {
+    let links = runtime::host::links().expect("interfaces");
+    Port {
+        name: name.into(),
+        role,
+        ifindex: links[name].ifindex,
+    }
+}
+
 #[test]
 fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     if !lab::root_or_skip() {
@@ -63,7 +74,7 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     let node = lab.nodes[0].host.clone();
     let (mut steering, replies) = lab::in_namespace(&node.ns, || {
         let (mut s, replies) = Steering::load(1000)?;
-        s.attach("eth0", PortRole::Uplink)?;
+        s.attach(PortId(0), &port("eth0", PortRole::Uplink))?;
         s.sync_from(&tables())?;
         Ok::<_, runtime::SteeringError>((s, replies))
     })
@@ -145,7 +156,9 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     // On a pod-facing interface the same destination is kxp's: the same
     // program and maps serve a second port.
     let mut steering = lab::in_namespace(&node.ns, move || {
-        steering.attach("vp1_0", PortRole::Pod).map(|_| steering)
+        steering
+            .attach(PortId(1), &port("vp1_0", PortRole::Pod))
+            .map(|_| steering)
     })
     .unwrap()
     .expect("steering attaches to the pod veth");
@@ -157,9 +170,13 @@ fn steering_attaches_passes_node_traffic_and_detaches_on_drop() {
     let pod_xdp = || node.exec(&["ip", "link", "show", "vp1_0"]).unwrap().contains("xdp");
     assert!(pod_xdp());
     // A pod going away: its port is detached, the others keep the program.
-    let steering = lab::in_namespace(&node.ns, move || steering.detach("vp1_0").map(|_| steering))
-        .unwrap()
-        .unwrap();
+    let steering = lab::in_namespace(&node.ns, move || {
+        steering
+            .detach(PortId(1), &port("vp1_0", PortRole::Pod))
+            .map(|_| steering)
+    })
+    .unwrap()
+    .unwrap();
     assert!(!pod_xdp(), "detached from the pod veth");
     assert!(node.xdp_attached(), "still on eth0");
 

@@ -39,6 +39,11 @@ pub struct Args {
     /// Path of the kxp binary (default: next to this one).
     #[arg(long)]
     pub kxp: Option<PathBuf>,
+    /// Also run kxp with pods in a UMEM of their own (`kxp.umemLayout:
+    /// split`, the layout beside a zero-copy uplink, here in copy mode):
+    /// what the copy between the two UMEMs costs.
+    #[arg(long)]
+    pub split_umem: bool,
 }
 
 const PREFIX: &str = "kxpdemo";
@@ -261,6 +266,22 @@ fn demo(args: &Args) -> Result<(), String> {
         std::thread::sleep(Duration::from_secs(args.hold));
     }
     drop(kxps);
+    if args.split_umem {
+        println!();
+        println!("and kxp with pods in a UMEM of their own (umemLayout: split) ...");
+        let split: Vec<Kxp> = lab
+            .nodes
+            .iter()
+            .map(|n| Kxp::start_with(&bin, n, &manifests, work.path(), "  umemLayout: split\n"))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        let apart = run_all(true);
+        print_split(&paths, &through, &apart, &split);
+        drop(split);
+        if apart.iter().any(Result::is_err) {
+            return Err("some paths failed through kxp with split UMEMs (see above)".into());
+        }
+    }
     drop(servers);
     drop(lab);
     println!();
@@ -322,6 +343,46 @@ fn print_throughput(
             }
         }
     }
+}
+
+/// kxp with one UMEM per worker against kxp with pods apart.
+fn print_split(paths: &[Path], shared: &[Result<Run, String>], apart: &[Result<Run, String>], kxps: &[Kxp]) {
+    println!();
+    println!("kxp, one UMEM vs pods in their own UMEM: Gbit/s and CPU s/GB (ratio: split / one)");
+    println!(
+        "{:<34} {:>5} {:>16} {:>16} {:>6} {:>6}",
+        "path", "proto", "one UMEM", "split", "Gbit/s", "CPU"
+    );
+    for (i, p) in paths.iter().enumerate() {
+        let cell = |r: &Result<Run, String>| {
+            r.as_ref().map_or_else(
+                |e| format!("failed: {e}"),
+                |r| format!("{:.2} / {:.2}", r.gbps, r.cpu_s_per_gb),
+            )
+        };
+        let ratio = |f: fn(&Run) -> f64| match (&apart[i], &shared[i]) {
+            (Ok(a), Ok(b)) if f(b) > 0.0 => format!("{:.2}", f(a) / f(b)),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<34} {:>5} {:>16} {:>16} {:>6} {:>6}",
+            p.name,
+            p.proto(),
+            cell(&shared[i]),
+            cell(&apart[i]),
+            ratio(|r| r.gbps),
+            ratio(|r| r.cpu_s_per_gb)
+        );
+    }
+    let copies: f64 = kxps
+        .iter()
+        .map(|k| k.metric_sum("kxp_worker_events", &["event=\"umem_copies\""]))
+        .sum();
+    let no_frame: f64 = kxps
+        .iter()
+        .map(|k| k.metric_sum("kxp_worker_drops", &["reason=\"umem_copy_no_frame\""]))
+        .sum();
+    println!("frames copied between the UMEMs: {copies}; dropped for want of a frame: {no_frame}");
 }
 
 fn print_workers(lab: &Lab, kxps: &[Kxp]) {

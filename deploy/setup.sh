@@ -8,8 +8,8 @@ set -euo pipefail
 # The XDP program is compiled by clang at build time against libbpf headers.
 # xsk-rs builds its vendored libxdp/libbpf (llvm, libelf, zlib, m4); the lab
 # demo drives traffic with iperf3 and builds its kube-proxy baseline with
-# iptables (DNAT + MASQUERADE, as kube-proxy programs them).
-PACKAGES=(pkg-config iproute2 ethtool iputils-ping iperf3 clang llvm libelf-dev zlib1g-dev m4 libbpf-dev linux-libc-dev iptables)
+# iptables and nftables (kube-proxy's two modes, as it programs them).
+PACKAGES=(pkg-config iproute2 ethtool iputils-ping iperf3 clang llvm libelf-dev zlib1g-dev m4 libbpf-dev linux-libc-dev iptables nftables)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

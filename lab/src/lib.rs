@@ -279,6 +279,24 @@ impl Lab {
         Ok(())
     }
 
+    /// Turns transmit checksum offload (and with it TSO and GSO, which
+    /// depend on it) back on, or off again, on every veth end the lab turned
+    /// it off on: what a node without kxp has by default, for the kernel
+    /// baselines. kxp needs it off (see the module docs).
+    pub fn set_tx_offloads(&self, on: bool) -> Result<(), LabError> {
+        let state = if on { "on" } else { "off" };
+        self.client.exec(&["ethtool", "-K", "eth0", "tx", state])?;
+        for node in &self.nodes {
+            node.host.exec(&["ethtool", "-K", "eth0", "tx", state])?;
+            for (i, pod) in node.pods.iter().enumerate() {
+                pod.exec(&["ethtool", "-K", "eth0", "tx", state])?;
+                let node_side = format!("vp{}_{i}", node.index);
+                node.host.exec(&["ethtool", "-K", &node_side, "tx", state])?;
+            }
+        }
+        Ok(())
+    }
+
     fn make_ns(&mut self, ns: &str) -> Result<(), LabError> {
         run(&["ip", "netns", "add", ns])?;
         self.namespaces.push(ns.to_string());

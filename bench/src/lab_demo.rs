@@ -423,7 +423,7 @@ fn print_workers(lab: &Lab, metrics: &[String]) {
         "node", "queue", "p50 ns", "p90 ns", "p99 ns", "max ns", "rx", "tx", "dropped"
     );
     for (n, m) in lab.nodes.iter().zip(metrics) {
-        let q = |name: &str, l: &str| metric_sum(&m, name, &["queue=\"0\"", l]);
+        let q = |name: &str, l: &str| metric_sum(m, name, &["queue=\"0\"", l]);
         let lat = |quantile: &str| q("kxp_worker_latency_nanoseconds", &format!("quantile=\"{quantile}\""));
         println!(
             "n{:<4} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",

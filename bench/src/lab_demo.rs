@@ -419,14 +419,14 @@ fn print_workers(lab: &Lab, metrics: &[String]) {
     println!();
     println!("kxp workers: RX->TX-submit latency per packet (measured per batch), packets, drops");
     println!(
-        "{:<5} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
-        "node", "queue", "p50 ns", "p90 ns", "p99 ns", "max ns", "rx", "tx", "dropped"
+        "{:<5} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>12}",
+        "node", "queue", "p50 ns", "p90 ns", "p99 ns", "max ns", "rx", "tx", "dropped", "sendto/1k tx"
     );
     for (n, m) in lab.nodes.iter().zip(metrics) {
         let q = |name: &str, l: &str| metric_sum(m, name, &["queue=\"0\"", l]);
         let lat = |quantile: &str| q("kxp_worker_latency_nanoseconds", &format!("quantile=\"{quantile}\""));
         println!(
-            "n{:<4} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
+            "n{:<4} {:>5} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>12.1}",
             n.index,
             0,
             lat("0.5"),
@@ -440,6 +440,8 @@ fn print_workers(lab: &Lab, metrics: &[String]) {
             q("kxp_worker_drops", "")
                 - q("kxp_worker_drops", "xsk_rx_ring_full")
                 - q("kxp_worker_drops", "xsk_fill_ring_empty"),
+            1000.0 * q("kxp_worker_events", "event=\"tx_wakeups\"")
+                / q("kxp_worker_packets", "direction=\"tx\"").max(1.0),
         );
         let reasons: Vec<String> = m
             .lines()

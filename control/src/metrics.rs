@@ -162,7 +162,7 @@ impl Metrics {
         );
         registry.register(
             "kxp_worker_events",
-            "Per worker: flows created, evicted, moved or reset; rejects, ICMP errors translated, frag-needed sent; VXLAN encap/decap; frames copied between its two UMEMs",
+            "Per worker: flows created, evicted, moved or reset; rejects, ICMP errors translated, frag-needed sent; VXLAN encap/decap; frames copied between its two UMEMs; TX wakeups (sendto calls)",
             m.worker_events.clone(),
         );
         registry.register(
@@ -233,6 +233,7 @@ impl Metrics {
                 ("fragments_translated", st.fragments_translated),
                 ("fragments_evicted", st.fragments_evicted),
                 ("umem_copies", r.runtime.umem_copies),
+                ("tx_wakeups", r.runtime.tx_wakeups),
             ] {
                 self.worker_events.get_or_create(&l("event", event)).set(n as i64);
             }

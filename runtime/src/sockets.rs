@@ -282,6 +282,11 @@ impl WorkerSockets {
         }
     }
 
+    /// TX wakeups (`sendto`) made so far, all sets.
+    pub fn tx_wakeups(&self) -> u64 {
+        self.sets.iter().map(|s| s.tx_wakeups).sum()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.sets.iter().map(XskSet::in_flight).sum()
     }

@@ -58,6 +58,8 @@ pub struct RuntimeCounters {
     /// Frames dropped because the other UMEM had no free frame to copy
     /// into.
     pub umem_copy_no_frame: u64,
+    /// TX wakeups (`sendto` syscalls) made.
+    pub tx_wakeups: u64,
 }
 
 /// What one worker has done so far.
@@ -454,6 +456,7 @@ fn publish(
     r.runtime = RuntimeCounters {
         umem_copies: set.carried,
         umem_copy_no_frame: set.carry_no_frame,
+        tx_wakeups: set.tx_wakeups(),
         ..*counters
     };
     let _ = r.latency.add(&*latency);

@@ -39,9 +39,37 @@ use crate::ports::Port;
 /// headroom (VXLAN encap grows frames at the front) and more.
 pub const FRAME_SIZE: u32 = 4096;
 
-/// Frames the kernel sends per TX wakeup in copy mode (TX_BATCH_SIZE in
-/// net/xdp/xsk.c).
+/// Frames the kernel sends per TX wakeup in copy mode by default
+/// (TX_BATCH_SIZE in net/xdp/xsk.c).
 const COPY_MODE_TX_BUDGET: usize = 32;
+
+/// `SOL_XDP` socket option (Linux 6.17+, `include/uapi/linux/if_xdp.h`):
+/// how many frames one copy-mode `sendto` may send, 32 up to the TX ring's
+/// size.
+const XDP_MAX_TX_SKB_BUDGET: nix::libc::c_int = 9;
+
+/// Lets one copy-mode wakeup send up to `budget` frames; returns the budget
+/// in force (the kernel's default where the option is absent).
+fn raise_tx_budget(fd: RawFd, budget: u32) -> usize {
+    let value: nix::libc::c_uint = budget;
+    // SAFETY: setsockopt reads `size_of::<c_uint>()` bytes at the pointer,
+    // which points at `value`, alive for the call; `fd` is an open AF_XDP
+    // socket this set owns.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd,
+            nix::libc::SOL_XDP,
+            XDP_MAX_TX_SKB_BUDGET,
+            (&value as *const nix::libc::c_uint).cast(),
+            std::mem::size_of::<nix::libc::c_uint>() as nix::libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        budget as usize
+    } else {
+        COPY_MODE_TX_BUDGET
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct RingSizes {
@@ -161,6 +189,10 @@ struct PortSocket {
     fill_target: usize,
     /// Frames on the TX ring, until their completion.
     in_tx: usize,
+    /// Frames one copy-mode wakeup sends.
+    tx_budget: usize,
+    /// The TX ring's size.
+    tx_ring: u32,
     copy_mode: bool,
 }
 
@@ -189,6 +221,8 @@ pub struct XskSet {
     queue: u32,
     sizes: RingSizes,
     mode: BindFlags,
+    /// TX wakeups (`sendto`) made so far.
+    pub tx_wakeups: u64,
 }
 
 impl XskSet {
@@ -233,6 +267,7 @@ impl XskSet {
                 BindMode::ZeroCopy => BindFlags::XDP_ZEROCOPY,
                 BindMode::Copy => BindFlags::XDP_COPY,
             },
+            tx_wakeups: 0,
         };
         for &(id, p) in ports {
             if p.role != PortRole::Host {
@@ -318,8 +353,15 @@ impl XskSet {
             },
             in_tx: 0,
             copy_mode: self.mode.contains(BindFlags::XDP_COPY),
+            tx_budget: COPY_MODE_TX_BUDGET,
+            tx_ring: ring,
         };
         let fd = new.fd();
+        let mut new = new;
+        if new.copy_mode {
+            // One `sendto` for a whole TX ring where the kernel allows it.
+            new.tx_budget = raise_tx_budget(fd, ring);
+        }
         let index = usize::from(id.0);
         if index >= self.ports.len() {
             self.ports.resize_with(index + 1, || None);
@@ -551,12 +593,14 @@ impl XskSet {
                 let sent = unsafe { p.tx.produce(&descs[..n]) };
                 p.in_tx += sent;
                 if p.copy_mode {
-                    // One wakeup sends at most COPY_MODE_TX_BUDGET frames.
-                    for _ in 0..sent.div_ceil(COPY_MODE_TX_BUDGET) {
+                    // One wakeup sends at most `tx_budget` frames.
+                    for _ in 0..sent.div_ceil(p.tx_budget) {
                         let _ = p.tx.wakeup();
+                        self.tx_wakeups += 1;
                     }
                 } else if sent > 0 && p.tx.needs_wakeup() {
                     let _ = p.tx.wakeup();
+                    self.tx_wakeups += 1;
                 }
                 sent
             }
@@ -601,8 +645,12 @@ impl XskSet {
                 continue;
             };
             let n = Self::completions(p, &mut self.scratch);
-            if p.in_tx > 0 && p.tx.needs_wakeup() {
+            // Frames sent but not completed need no wakeup: only those the
+            // kernel has not taken off the TX ring yet (a wakeup that hit
+            // its budget or found the device busy).
+            if p.in_tx > 0 && p.tx.needs_wakeup() && p.tx.nb_free_exact() < p.tx_ring {
                 let _ = p.tx.wakeup();
+                self.tx_wakeups += 1;
             }
             self.settle_completed(n);
             total += n;

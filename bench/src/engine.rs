@@ -24,6 +24,8 @@ use dataplane::flow::{CtConfig, FlowKey, FlowState};
 use dataplane::tables::{EndpointInfo, LocalPod, NodeConfig, PortInfo, PortRole, RemoteNode, ServiceSpec, Tables};
 use dataplane::wire::l4::{TCP_ACK, TCP_SYN};
 use dataplane::{Frame, Publisher, Reader, Time, Verdict, Worker};
+use hdrhistogram::Histogram;
+use runtime::latency::Sampler;
 use serde_json::{json, Value};
 
 use crate::memory;
@@ -187,6 +189,7 @@ fn run_frames(
     count: usize,
     mut order: impl FnMut(usize) -> usize,
     now: &mut Time,
+    mut timing: Option<&mut (Sampler, Histogram<u64>)>,
 ) -> f64 {
     let mut buf = vec![0u8; HEADROOM + 2048];
     let start = Instant::now();
@@ -200,7 +203,13 @@ fn run_frames(
             let f = frames.get(i);
             buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
             let mut frame = Frame::new(&mut buf, HEADROOM, f.len());
-            let v = black_box(w.process(*now, &t, frames.ports[i], &mut frame));
+            let port = frames.ports[i];
+            let v = match timing.as_deref_mut() {
+                // As kxp's workers run it: one packet in 64 timed.
+                Some((sampler, hist)) => sampler.time(hist, || w.process(*now, &t, port, &mut frame)),
+                None => w.process(*now, &t, port, &mut frame),
+            };
+            let v = black_box(v);
             if matches!(v, Verdict::Tx(_)) != frames.forwarded {
                 not_sent = Some(v);
             }
@@ -345,7 +354,7 @@ fn measure_size(args: &Args, services: usize) -> Value {
     let mut w = Worker::new(state.clone());
     let mut now = Time::from_secs(1000);
 
-    let new_flow = run_frames(&mut w, &reader, &syn, flows, |i| i, &mut now);
+    let new_flow = run_frames(&mut w, &reader, &syn, flows, |i| i, &mut now, None);
     let live = state.conntrack.len();
     let ct_bytes = memory::live_bytes() - before_ct;
     assert_eq!(
@@ -372,11 +381,54 @@ fn measure_size(args: &Args, services: usize) -> Value {
     drop(tables_now);
 
     let allocs_before = memory::allocation_calls();
-    let est_hot = run_frames(&mut w, &reader, &ack, args.packets, |i| i % HOT.min(flows), &mut now);
+    let est_hot = run_frames(
+        &mut w,
+        &reader,
+        &ack,
+        args.packets,
+        |i| i % HOT.min(flows),
+        &mut now,
+        None,
+    );
     let allocs = memory::allocation_calls() - allocs_before;
-    let est_cold = run_frames(&mut w, &reader, &ack, flows, |i| cold_order[i] as usize, &mut now);
-    let rep_hot = run_frames(&mut w, &reader, &reply, args.packets, |i| i % HOT.min(flows), &mut now);
-    let rep_cold = run_frames(&mut w, &reader, &reply, flows, |i| cold_order[i] as usize, &mut now);
+    // The same path with the workers' per-core engine timing on,
+    // alternating with it off, three times each: the minimum of each is
+    // what the overhead is read from (one run after another is warmer).
+    let mut timing = (Sampler::default(), runtime::latency::new_histogram());
+    let (mut plain, mut timed) = (est_hot, f64::INFINITY);
+    for _ in 0..3 {
+        let hot = |i| i % HOT.min(flows);
+        timed = timed.min(run_frames(
+            &mut w,
+            &reader,
+            &ack,
+            args.packets,
+            hot,
+            &mut now,
+            Some(&mut timing),
+        ));
+        plain = plain.min(run_frames(&mut w, &reader, &ack, args.packets, hot, &mut now, None));
+    }
+    let est_timed = timed;
+    let est_cold = run_frames(&mut w, &reader, &ack, flows, |i| cold_order[i] as usize, &mut now, None);
+    let rep_hot = run_frames(
+        &mut w,
+        &reader,
+        &reply,
+        args.packets,
+        |i| i % HOT.min(flows),
+        &mut now,
+        None,
+    );
+    let rep_cold = run_frames(
+        &mut w,
+        &reader,
+        &reply,
+        flows,
+        |i| cold_order[i] as usize,
+        &mut now,
+        None,
+    );
 
     // NodePort with SNAT (eTP=Cluster): 10,000 clients, then the hot set.
     let np_client = |k: usize| {
@@ -396,11 +448,11 @@ fn measure_size(args: &Args, services: usize) -> Value {
         )
     };
     let np_syn = np_frames(TCP_SYN);
-    let np_new = run_frames(&mut w, &reader, &np_syn, np_syn.len(), |i| i, &mut now);
+    let np_new = run_frames(&mut w, &reader, &np_syn, np_syn.len(), |i| i, &mut now, None);
     // Established: the flows' later segments (a SYN again would be a
     // retransmission, which kxp verifies like any state change).
     let np_ack = np_frames(TCP_ACK);
-    let np_est = run_frames(&mut w, &reader, &np_ack, args.packets, |i| i % HOT, &mut now);
+    let np_est = run_frames(&mut w, &reader, &np_ack, args.packets, |i| i % HOT, &mut now, None);
 
     // Overlay: pod to remote pods (encap) and back (decap).
     let encap = Frames::new(
@@ -440,9 +492,25 @@ fn measure_size(args: &Args, services: usize) -> Value {
     arp.resize(60, 0);
     let mut arp = Frames::new(PortId(0), std::iter::once(arp));
     arp.forwarded = false;
-    let floor = run_frames(&mut w, &reader, &arp, args.packets, |_| 0, &mut now);
-    let enc = run_frames(&mut w, &reader, &encap, args.packets, |i| i % HOT.min(flows), &mut now);
-    let dec = run_frames(&mut w, &reader, &decap, args.packets, |i| i % HOT.min(flows), &mut now);
+    let floor = run_frames(&mut w, &reader, &arp, args.packets, |_| 0, &mut now, None);
+    let enc = run_frames(
+        &mut w,
+        &reader,
+        &encap,
+        args.packets,
+        |i| i % HOT.min(flows),
+        &mut now,
+        None,
+    );
+    let dec = run_frames(
+        &mut w,
+        &reader,
+        &decap,
+        args.packets,
+        |i| i % HOT.min(flows),
+        &mut now,
+        None,
+    );
     let dropped = w.stats.total_drops();
     let (index_insert, index_remove) = reply_index_cost(capacity, flows);
     let index_bytes = state.conntrack.reply_index().buckets() * WORDS_PER_BUCKET * 8;
@@ -470,6 +538,9 @@ fn measure_size(args: &Args, services: usize) -> Value {
         "table_bytes": table_bytes,
         "clusterip_new_flow": path(new_flow),
         "clusterip_established": path(est_hot),
+        "clusterip_established_with_engine_timing": path(est_timed),
+        "engine_timing_overhead_pct": round(100.0 * (est_timed - plain) / plain, 1),
+        "engine_timing_p50_ns": timing.1.value_at_quantile(0.5),
         "clusterip_established_all_flows_random": path(est_cold),
         "reply_reverse_nat": path(rep_hot),
         "reply_reverse_nat_all_flows_random": path(rep_cold),
@@ -576,6 +647,7 @@ fn print_table(r: &Value) {
     for key in [
         "clusterip_new_flow",
         "clusterip_established",
+        "clusterip_established_with_engine_timing",
         "clusterip_established_all_flows_random",
         "reply_reverse_nat",
         "reply_reverse_nat_all_flows_random",
@@ -608,6 +680,8 @@ fn print_table(r: &Value) {
         "reply_index_bytes_per_entry",
         "reply_index_insert_ns",
         "reply_index_remove_ns",
+        "engine_timing_overhead_pct",
+        "engine_timing_p50_ns",
         "live_flows",
         "table_build_s",
         "allocations_per_established_packet",

@@ -43,6 +43,8 @@ pub struct Metrics {
     worker_frames: Family<Vec<(String, String)>, Gauge>,
     worker_events: Family<Vec<(String, String)>, Gauge>,
     worker_umems: Family<Vec<(String, String)>, Gauge>,
+    worker_time: Family<Vec<(String, String)>, Gauge>,
+    worker_time_samples: Family<Vec<(String, String)>, Gauge>,
     /// kxp: what the XDP program did with each frame (all ports).
     steering_packets: Family<Vec<(String, String)>, Gauge>,
     workers: Mutex<Option<WorkerSource>>,
@@ -80,6 +82,8 @@ impl Metrics {
             worker_latency: Family::default(),
             worker_frames: Family::default(),
             worker_umems: Family::default(),
+            worker_time: Family::default(),
+            worker_time_samples: Family::default(),
             worker_events: Family::default(),
             steering_packets: Family::default(),
             workers: Mutex::new(None),
@@ -164,6 +168,16 @@ impl Metrics {
             "kxp_worker_events",
             "Per worker: flows created, evicted, moved or reset; rejects, ICMP errors translated, frag-needed sent; VXLAN encap/decap; frames copied between its two UMEMs; TX wakeups (sendto calls)",
             m.worker_events.clone(),
+        );
+        registry.register(
+            "kxp_worker_time_nanoseconds",
+            "Per worker, since start, quantiles of where its time goes: part=\"engine\" (process per packet, 1 packet in 64 timed), \"tx_wakeup\" (each sendto: the kernel's delivery work), \"sleep\" (each idle poll)",
+            m.worker_time.clone(),
+        );
+        registry.register(
+            "kxp_worker_time_samples",
+            "Per worker and part, how many samples kxp_worker_time_nanoseconds is made of",
+            m.worker_time_samples.clone(),
         );
         registry.register(
             "kxp_worker_umems",
@@ -276,6 +290,21 @@ impl Metrics {
                 self.worker_latency
                     .get_or_create(&l("quantile", name))
                     .set(r.latency.value_at_quantile(q) as i64);
+            }
+            for (part, h) in r.parts.named() {
+                for (name, quantile) in QUANTILES {
+                    let labels = vec![
+                        ("queue".to_string(), q.clone()),
+                        ("part".to_string(), part.to_string()),
+                        ("quantile".to_string(), name.to_string()),
+                    ];
+                    self.worker_time
+                        .get_or_create(&labels)
+                        .set(h.value_at_quantile(quantile) as i64);
+                }
+                self.worker_time_samples
+                    .get_or_create(&l("part", part))
+                    .set(h.len() as i64);
             }
             let f = r.frames;
             for (place, n) in [

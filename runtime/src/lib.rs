@@ -10,6 +10,7 @@
 
 pub mod datapath;
 pub mod host;
+pub mod latency;
 pub mod netlink;
 pub mod ports;
 pub mod sockets;

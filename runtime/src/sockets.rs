@@ -282,6 +282,14 @@ impl WorkerSockets {
         }
     }
 
+    /// Moves every set's TX wakeup times into `into`.
+    pub fn take_wakeup_times(&mut self, into: &mut hdrhistogram::Histogram<u64>) {
+        for s in &mut self.sets {
+            let _ = into.add(&s.wakeup_time);
+            s.wakeup_time.reset();
+        }
+    }
+
     /// TX wakeups (`sendto`) made so far, all sets.
     pub fn tx_wakeups(&self) -> u64 {
         self.sets.iter().map(|s| s.tx_wakeups).sum()

@@ -25,6 +25,7 @@ use dataplane::{Frame, Reader, Stats, Time, Verdict};
 use hdrhistogram::Histogram;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
+use crate::latency::{self, PartTimes, Sampler};
 use crate::ports::Port;
 use crate::sockets::WorkerSockets;
 use crate::tun::{HostTun, L2_LEN};
@@ -71,6 +72,8 @@ pub struct WorkerReport {
     pub runtime: RuntimeCounters,
     /// Nanoseconds from RX to TX submit, one sample per packet.
     pub latency: Histogram<u64>,
+    /// That time and the idle time, part by part (see `latency`).
+    pub parts: PartTimes,
     pub frames: FrameAccount,
     /// The kernel's side: frames it could not give this worker.
     pub kernel: KernelDrops,
@@ -89,6 +92,7 @@ impl WorkerReport {
             stats: Stats::default(),
             runtime: RuntimeCounters::default(),
             latency: new_histogram(),
+            parts: PartTimes::default(),
             frames: FrameAccount::default(),
             kernel: KernelDrops::default(),
             copy_mode: Vec::new(),
@@ -98,10 +102,7 @@ impl WorkerReport {
     }
 }
 
-pub fn new_histogram() -> Histogram<u64> {
-    // 1 ns .. 60 s at 3 significant digits.
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant histogram bounds are valid")
-}
+pub use crate::latency::new_histogram;
 
 pub struct WorkerHandle {
     pub report: Arc<Mutex<WorkerReport>>,
@@ -278,11 +279,16 @@ fn forward(
     out: &mut [Vec<OwnedFrame>],
     host: Option<&HostPort>,
     counters: &mut RuntimeCounters,
+    timing: &mut EngineTiming,
 ) {
     let frames = set.set_for(&desc);
     let (buf, off, len) = frames.frame_mut(&mut desc);
     let mut frame = Frame::new(buf, off, len);
-    match engine.process(now, tables, PortId(ingress as u16), &mut frame) {
+    let ingress = PortId(ingress as u16);
+    let verdict = timing
+        .sampler
+        .time(&mut timing.engine, || engine.process(now, tables, ingress, &mut frame));
+    match verdict {
         Verdict::Tx(q) if host.is_some_and(|h| h.id == q) => {
             // Into the node's stack: the IP packet, without the Ethernet
             // header the engine wrote.
@@ -322,6 +328,7 @@ fn host_rx(
     batch: usize,
     out: &mut [Vec<OwnedFrame>],
     counters: &mut RuntimeCounters,
+    timing: &mut EngineTiming,
 ) -> usize {
     let mut got = 0;
     while got < batch {
@@ -346,7 +353,18 @@ fn host_rx(
         frames.set_packet(&mut desc, off, L2_LEN + n);
         got += 1;
         let ingress = usize::from(host.id.0);
-        forward(set, engine, now, tables, ingress, desc, out, Some(host), counters);
+        forward(
+            set,
+            engine,
+            now,
+            tables,
+            ingress,
+            desc,
+            out,
+            Some(host),
+            counters,
+            timing,
+        );
     }
     got
 }
@@ -370,6 +388,8 @@ fn run(
     let mut out: Vec<Vec<OwnedFrame>> = (0..nports).map(|_| Vec::with_capacity(batch)).collect();
     let mut counters = RuntimeCounters::default();
     let mut latency = new_histogram();
+    let mut timing = EngineTiming::default();
+    let mut sleep_time = new_histogram();
     let mut last_report = monotonic();
     let mut idle = 0u32;
     let mut pass = 0u32;
@@ -392,12 +412,23 @@ fn run(
                     &mut out,
                     host.as_ref(),
                     &mut counters,
+                    &mut timing,
                 );
             }
         }
         pass = pass.wrapping_add(1);
         if let Some(h) = host.as_ref().filter(|_| pass % HOST_EVERY == 0) {
-            got += host_rx(&mut set, &mut engine, now, &tables, h, batch, &mut out, &mut counters);
+            got += host_rx(
+                &mut set,
+                &mut engine,
+                now,
+                &tables,
+                h,
+                batch,
+                &mut out,
+                &mut counters,
+                &mut timing,
+            );
         }
         drop(tables);
         for (port, frames) in out.iter_mut().enumerate() {
@@ -414,7 +445,7 @@ fn run(
             idle += 1;
             if idle >= SPINS_BEFORE_SLEEP {
                 counters.sleeps += 1;
-                sleep_until_readable(&set, host.as_ref());
+                latency::timed(&mut sleep_time, || sleep_until_readable(&set, host.as_ref()));
                 idle = 0;
                 pass = 0; // read the TUN device right after waking
             }
@@ -429,7 +460,13 @@ fn run(
                 out.resize_with(nports, || Vec::with_capacity(batch));
             }
             engine.housekeeping(now);
-            publish(shared, &engine, &counters, &mut latency, &set, true);
+            let mut parts = PartTimes {
+                engine: std::mem::replace(&mut timing.engine, new_histogram()),
+                sleep: std::mem::replace(&mut sleep_time, new_histogram()),
+                tx_wakeup: new_histogram(),
+            };
+            set.take_wakeup_times(&mut parts.tx_wakeup);
+            publish(shared, &engine, &counters, &mut latency, &parts, &set, true);
             last_report = now;
         }
     }
@@ -440,7 +477,28 @@ fn run(
         set.complete();
         std::thread::yield_now();
     }
-    publish(shared, &engine, &counters, &mut latency, &set, false);
+    let mut parts = PartTimes {
+        engine: timing.engine,
+        sleep: sleep_time,
+        tx_wakeup: new_histogram(),
+    };
+    set.take_wakeup_times(&mut parts.tx_wakeup);
+    publish(shared, &engine, &counters, &mut latency, &parts, &set, false);
+}
+
+/// The engine's sampled timing (see `latency`).
+struct EngineTiming {
+    sampler: Sampler,
+    engine: Histogram<u64>,
+}
+
+impl Default for EngineTiming {
+    fn default() -> Self {
+        EngineTiming {
+            sampler: Sampler::default(),
+            engine: new_histogram(),
+        }
+    }
 }
 
 fn publish(
@@ -448,6 +506,7 @@ fn publish(
     engine: &dataplane::Worker,
     counters: &RuntimeCounters,
     latency: &mut Histogram<u64>,
+    parts: &PartTimes,
     set: &WorkerSockets,
     running: bool,
 ) {
@@ -461,6 +520,7 @@ fn publish(
     };
     let _ = r.latency.add(&*latency);
     latency.reset();
+    r.parts.add(parts);
     r.frames = set.account();
     r.kernel = set.kernel_drops();
     r.copy_mode = set.copy_modes();

@@ -30,9 +30,11 @@ use std::time::{Duration, Instant};
 
 use dataplane::addr::PortId;
 use dataplane::tables::PortRole;
+use hdrhistogram::Histogram;
 use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
+use crate::latency::timed;
 use crate::ports::Port;
 
 /// UMEM frame size: one page, room for a 1500-byte packet, 256 bytes of
@@ -223,6 +225,8 @@ pub struct XskSet {
     mode: BindFlags,
     /// TX wakeups (`sendto`) made so far.
     pub tx_wakeups: u64,
+    /// How long each TX wakeup took, since the worker last took them.
+    pub wakeup_time: Histogram<u64>,
 }
 
 impl XskSet {
@@ -268,6 +272,7 @@ impl XskSet {
                 BindMode::Copy => BindFlags::XDP_COPY,
             },
             tx_wakeups: 0,
+            wakeup_time: crate::latency::new_histogram(),
         };
         for &(id, p) in ports {
             if p.role != PortRole::Host {
@@ -595,11 +600,11 @@ impl XskSet {
                 if p.copy_mode {
                     // One wakeup sends at most `tx_budget` frames.
                     for _ in 0..sent.div_ceil(p.tx_budget) {
-                        let _ = p.tx.wakeup();
+                        let _ = timed(&mut self.wakeup_time, || p.tx.wakeup());
                         self.tx_wakeups += 1;
                     }
                 } else if sent > 0 && p.tx.needs_wakeup() {
-                    let _ = p.tx.wakeup();
+                    let _ = timed(&mut self.wakeup_time, || p.tx.wakeup());
                     self.tx_wakeups += 1;
                 }
                 sent
@@ -649,7 +654,7 @@ impl XskSet {
             // kernel has not taken off the TX ring yet (a wakeup that hit
             // its budget or found the device busy).
             if p.in_tx > 0 && p.tx.needs_wakeup() && p.tx.nb_free_exact() < p.tx_ring {
-                let _ = p.tx.wakeup();
+                let _ = timed(&mut self.wakeup_time, || p.tx.wakeup());
                 self.tx_wakeups += 1;
             }
             self.settle_completed(n);

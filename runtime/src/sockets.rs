@@ -304,25 +304,14 @@ impl WorkerSockets {
         self.sets
             .iter()
             .map(XskSet::account)
-            .fold(FrameAccount::default(), |a, b| FrameAccount {
-                total: a.total + b.total,
-                free: a.free + b.free,
-                in_fill: a.in_fill + b.in_fill,
-                in_tx: a.in_tx + b.in_tx,
-                held: a.held + b.held,
-            })
+            .fold(FrameAccount::default(), |a, b| a + b)
     }
 
     pub fn kernel_drops(&self) -> KernelDrops {
         self.sets
             .iter()
             .map(XskSet::kernel_drops)
-            .fold(KernelDrops::default(), |a, b| KernelDrops {
-                rx_dropped: a.rx_dropped + b.rx_dropped,
-                rx_ring_full: a.rx_ring_full + b.rx_ring_full,
-                fill_ring_empty: a.fill_ring_empty + b.fill_ring_empty,
-                invalid_descs: a.invalid_descs + b.invalid_descs,
-            })
+            .fold(KernelDrops::default(), |a, b| a + b)
     }
 
     pub fn fds(&self) -> Vec<RawFd> {

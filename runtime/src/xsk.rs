@@ -142,6 +142,21 @@ pub struct FrameAccount {
     pub held: usize,
 }
 
+/// Two sets' accounts together (a worker with two UMEMs).
+impl std::ops::Add for FrameAccount {
+    type Output = FrameAccount;
+
+    fn add(self, b: FrameAccount) -> FrameAccount {
+        FrameAccount {
+            total: self.total + b.total,
+            free: self.free + b.free,
+            in_fill: self.in_fill + b.in_fill,
+            in_tx: self.in_tx + b.in_tx,
+            held: self.held + b.held,
+        }
+    }
+}
+
 impl FrameAccount {
     /// True when no frame is lost or counted twice.
     pub fn balanced(&self) -> bool {
@@ -177,6 +192,19 @@ pub struct KernelDrops {
     pub fill_ring_empty: u64,
     /// Descriptors the kernel rejected: a bug in kxp if ever non-zero.
     pub invalid_descs: u64,
+}
+
+impl std::ops::Add for KernelDrops {
+    type Output = KernelDrops;
+
+    fn add(self, b: KernelDrops) -> KernelDrops {
+        KernelDrops {
+            rx_dropped: self.rx_dropped + b.rx_dropped,
+            rx_ring_full: self.rx_ring_full + b.rx_ring_full,
+            fill_ring_empty: self.fill_ring_empty + b.fill_ring_empty,
+            invalid_descs: self.invalid_descs + b.invalid_descs,
+        }
+    }
 }
 
 /// One port's socket and its rings.

@@ -93,12 +93,22 @@ async fn healthz(State(h): State<HealthState>) -> impl IntoResponse {
 }
 
 pub fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> JoinHandle<()> {
-    let app = Router::new().route(
-        "/metrics",
-        get(|State(m): State<Arc<Metrics>>| async move {
-            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
-        }),
-    );
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+            }),
+        )
+        .route(
+            "/latency.hlog",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                match m.latency_hlog() {
+                    Ok(log) => (StatusCode::OK, log),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.into_bytes()),
+                }
+            }),
+        );
     http::serve(listener, app.with_state(metrics), Limits::default())
 }
 

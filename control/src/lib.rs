@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod health;
 pub mod http;
 pub mod kube_source;
+pub mod latency_log;
 pub mod manifests;
 pub mod metrics;
 pub mod objects;

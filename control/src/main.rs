@@ -35,6 +35,26 @@ enum Command {
         #[arg(long)]
         cluster_cidr: Option<dataplane::addr::Cidr>,
     },
+    /// Read a running kxp's state.
+    Dump {
+        #[command(subcommand)]
+        what: Dump,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dump {
+    /// Per-core percentiles since start of where each worker's time goes
+    /// (batch, engine, TX wakeups, idle sleeps), read from a running kxp.
+    Latency {
+        /// kxp's metricsBindAddress.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        metrics: std::net::SocketAddr,
+        /// Also write the raw histograms here, as an HdrHistogram interval
+        /// log (.hlog) for HdrHistogram's plotters.
+        #[arg(long)]
+        hlog: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -176,6 +196,19 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
     Ok((lo, hi))
 }
 
+/// `kxp dump latency`: the table, after writing the raw log to `hlog`.
+fn dump_latency(metrics: std::net::SocketAddr, hlog: Option<&std::path::Path>) -> Result<String, String> {
+    let log = control::latency_log::fetch(metrics)?;
+    if let Some(path) = hlog {
+        std::fs::write(path, &log).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    let hists = control::latency_log::decode(&log)?;
+    if hists.is_empty() {
+        return Err(format!("{metrics} runs no datapath workers (no kxp.interfaces)"));
+    }
+    Ok(control::latency_log::table(&hists))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -183,6 +216,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Dump {
+            what: Dump::Latency { metrics, hlog },
+        } => match dump_latency(metrics, hlog.as_deref()) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kxp dump latency: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Run(args) => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -48,6 +48,8 @@ pub struct Metrics {
     /// kxp: what the XDP program did with each frame (all ports).
     steering_packets: Family<Vec<(String, String)>, Gauge>,
     workers: Mutex<Option<WorkerSource>>,
+    /// When the workers' histograms began (about: kxp's start).
+    started: std::time::SystemTime,
 }
 
 /// Latency quantiles exported, as (label, quantile).
@@ -87,6 +89,7 @@ impl Metrics {
             worker_events: Family::default(),
             steering_packets: Family::default(),
             workers: Mutex::new(None),
+            started: std::time::SystemTime::now(),
             registry: Registry::default(),
         };
         registry.register(
@@ -190,6 +193,14 @@ impl Metrics {
             m.steering_packets.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// The workers' time histograms as an interval log (`latency_log`);
+    /// empty (no worker) without a datapath.
+    pub fn latency_hlog(&self) -> Result<Vec<u8>, String> {
+        let guard = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let reports = guard.as_ref().map(|source| source().0).unwrap_or_default();
+        crate::latency_log::encode(&reports, self.started)
     }
 
     pub fn set_worker_source(&self, source: WorkerSource) {

@@ -768,3 +768,53 @@ fn a_fragmented_udp_datagram_crosses_a_service_whole() {
     assert_eq!(c.dropped("kernel_return"), 0.0);
     c.assert_no_checksum_errors();
 }
+
+/// `kxp dump latency` against a running kxp: every part of the worker's
+/// time, and kxp's own per-packet work a small fraction of the batch
+/// figure (which holds the kernel's delivery work); the raw histograms
+/// written as an interval log that reads back.
+#[test]
+fn kxp_dump_latency_splits_a_workers_time_into_its_parts() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let c = Cluster::new(1, 2, &[1], &[Svc::new("local", vip(12), PORT, &[(pod_ip(1, 0), 1)])]);
+    let _servers = Iperf::serve(&[c.pod(1, 0)]);
+    assert!(iperf(c.pod(1, 1), vip(12), PORT, "4M", false) >= 4e6);
+    std::thread::sleep(Duration::from_millis(300)); // a report
+    let dir = tempfile::tempdir().unwrap();
+    let hlog = dir.path().join("latency.hlog");
+    let bin = env!("CARGO_BIN_EXE_kxp");
+    let k = &c.kxps[0];
+    let out = c.lab.nodes[0]
+        .host
+        .exec(&[
+            bin,
+            "dump",
+            "latency",
+            "--metrics",
+            &k.metrics,
+            "--hlog",
+            &hlog.to_string_lossy(),
+        ])
+        .expect("kxp dump latency runs");
+    let row = |tag: &str| -> Vec<f64> {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(tag))
+            .unwrap_or_else(|| panic!("{tag} in\n{out}"));
+        line.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect()
+    };
+    let (batch, engine) = (row("q0.batch"), row("q0.engine"));
+    assert!(engine[0] > 10.0, "engine samples: {out}");
+    assert!(row("q0.tx_wakeup")[0] > 0.0, "{out}");
+    assert!(
+        engine[1] < batch[1],
+        "kxp's own work (engine p50 {} us) is a part of the batch (p50 {} us)\n{out}",
+        engine[1],
+        batch[1]
+    );
+    let hists = control::latency_log::decode(&std::fs::read(&hlog).unwrap()).unwrap();
+    assert_eq!(hists.len(), 4, "one histogram per part");
+    eprintln!("{out}");
+}

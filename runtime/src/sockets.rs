@@ -86,7 +86,12 @@ impl Plan {
 
     /// The mode of `group`'s set.
     pub fn mode(&self, group: Group) -> BindMode {
-        match self.index(group) {
+        self.set_mode(self.index(group))
+    }
+
+    /// The mode of set `index`: the pods' own set is always copy mode.
+    fn set_mode(&self, index: usize) -> BindMode {
+        match index {
             0 => self.uplink_mode,
             _ => BindMode::Copy,
         }
@@ -136,8 +141,13 @@ impl WorkerSockets {
                 .iter()
                 .filter(|(_, p)| plan.index(plan.group(p.role)) == index)
                 .collect();
-            let mode = if index == 0 { plan.uplink_mode } else { BindMode::Copy };
-            sets.push(XskSet::open(&members, queue, sizes, mode, plan.frames[index])?);
+            sets.push(XskSet::open(
+                &members,
+                queue,
+                sizes,
+                plan.set_mode(index),
+                plan.frames[index],
+            )?);
         }
         let mut s = WorkerSockets {
             sets,

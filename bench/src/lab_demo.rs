@@ -42,6 +42,10 @@ pub struct Args {
     /// Path of the kxp binary (default: next to this one).
     #[arg(long)]
     pub kxp: Option<PathBuf>,
+    /// Extra lines for kxp's `kxp:` config section (each indented two
+    /// spaces), e.g. "  workerPriority: 50\n".
+    #[arg(long, default_value = "")]
+    pub kxp_config: String,
     /// Also run kxp with pods in a UMEM of their own (`kxp.umemLayout:
     /// split`, the layout beside a zero-copy uplink, here in copy mode):
     /// what the copy between the two UMEMs costs.
@@ -251,7 +255,7 @@ fn demo(args: &Args) -> Result<(), String> {
     let kxps: Vec<Kxp> = lab
         .nodes
         .iter()
-        .map(|n| Kxp::start(&bin, n, &manifests, work.path()))
+        .map(|n| Kxp::start_with(&bin, n, &manifests, work.path(), &args.kxp_config.replace("\\n", "\n")))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let through = run_all(true);

@@ -71,6 +71,8 @@ pub struct FileKxp {
     pub host_device: Option<String>,
     pub queues: Option<u32>,
     pub worker_cores: Option<Vec<usize>>,
+    /// SCHED_FIFO priority (1-99) for the workers; absent: normal.
+    pub worker_priority: Option<u8>,
     pub vxlan_vni: Option<u32>,
     pub vxlan_port: Option<u16>,
     /// `incremental` (default) or `full`.
@@ -108,6 +110,7 @@ pub struct Config {
     pub host_device: String,
     pub queues: u32,
     pub worker_cores: Vec<usize>,
+    pub worker_priority: Option<u8>,
     pub vxlan_vni: u32,
     pub vxlan_port: u16,
     pub checksum: ChecksumPolicy,
@@ -211,6 +214,11 @@ impl Config {
             host_device: kxp.host_device.unwrap_or_else(|| "kxp0".into()),
             queues: kxp.queues.unwrap_or(1),
             worker_cores: kxp.worker_cores.unwrap_or_default(),
+            worker_priority: match kxp.worker_priority {
+                Some(p @ 1..=99) => Some(p),
+                Some(p) => return Err(format!("kxp.workerPriority {p}: expected 1 to 99 (SCHED_FIFO)")),
+                None => None,
+            },
             vxlan_vni: kxp.vxlan_vni.unwrap_or(1),
             vxlan_port: kxp.vxlan_port.unwrap_or(8472),
             zero_copy: kxp.zero_copy.unwrap_or(true),
@@ -354,6 +362,8 @@ kxp: {checksum: full, vxlanVni: 7, snatPorts: 2000-2999, zeroCopy: false, umemLa
         assert!(Config::resolve(f).unwrap_err().contains("kxp.checksum"));
         let f: FileConfig = serde_yaml::from_str("kxp: {umemLayout: three}\n").unwrap();
         assert!(Config::resolve(f).unwrap_err().contains("kxp.umemLayout"));
+        let f: FileConfig = serde_yaml::from_str("kxp: {workerPriority: 0}\n").unwrap();
+        assert!(Config::resolve(f).unwrap_err().contains("kxp.workerPriority"));
         let f: FileConfig = serde_yaml::from_str("kind: Pod\n").unwrap();
         assert!(Config::resolve(f).is_err());
     }

@@ -89,6 +89,7 @@ pub fn datapath_config(cfg: &Config) -> Option<DatapathConfig> {
         ports,
         queues: cfg.queues,
         cores: cfg.worker_cores.clone(),
+        priority: cfg.worker_priority,
         rings: RingSizes::default(),
         batch: 64,
         // Pods, now or later, never join a zero-copy UMEM: with a

@@ -826,3 +826,37 @@ fn kxp_dump_latency_splits_a_workers_time_into_its_parts() {
     assert_eq!(hists.len(), 4, "one histogram per part");
     eprintln!("{out}");
 }
+
+/// `kxp.workerPriority` puts the worker threads, and only them, under
+/// SCHED_FIFO, and traffic still flows.
+#[test]
+fn worker_priority_makes_the_workers_real_time() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    let lab = Lab::build(1, 2).expect("lab builds");
+    let svc = Svc::new("rt", vip(13), 7700, &[(pod_ip(1, 0), 1)]);
+    let c = Cluster::with(lab, &[1], &[svc], "  workerPriority: 10\n");
+    let _server = Listener::start(&c.pod(1, 0).ns, 7700, "rt").unwrap();
+    assert_eq!(greet(c.pod(1, 1), sa(vip(13), 7700)), "rt");
+    let policies: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{}/task", c.kxps[0].pid()))
+        .unwrap()
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?.trim().to_string();
+            // Field 41 of stat is the scheduling policy (1: SCHED_FIFO);
+            // split after the command's closing parenthesis.
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let rest = stat.rsplit_once(')')?.1;
+            let policy = rest.split_whitespace().nth(41 - 3)?.to_string();
+            Some((comm, policy))
+        })
+        .collect();
+    let workers: Vec<_> = policies.iter().filter(|(c, _)| c.starts_with("kxp-worker")).collect();
+    assert!(!workers.is_empty(), "{policies:?}");
+    assert!(workers.iter().all(|(_, p)| p == "1"), "workers SCHED_FIFO: {policies:?}");
+    assert!(
+        policies.iter().filter(|(c, _)| !c.starts_with("kxp-worker")).all(|(_, p)| p == "0"),
+        "the rest of kxp runs normally: {policies:?}"
+    );
+}

@@ -29,6 +29,8 @@ pub struct DatapathConfig {
     pub queues: u32,
     /// Cores to pin workers to, round-robin; empty: unpinned.
     pub cores: Vec<usize>,
+    /// SCHED_FIFO priority for the workers; `None`: the normal scheduler.
+    pub priority: Option<u8>,
     pub rings: RingSizes,
     pub batch: usize,
     /// Try zero-copy on the uplink first (copy mode where unsupported).
@@ -176,6 +178,7 @@ impl Datapath {
             let spec = WorkerSpec {
                 queue,
                 core,
+                priority: cfg.priority,
                 batch: cfg.batch,
                 // Every worker reads the TUN device (each read takes one
                 // packet) and writes the replies it routes to the node.

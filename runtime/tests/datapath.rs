@@ -98,6 +98,7 @@ fn every_frame_is_accounted_for_through_full_rings_and_shutdown() {
             ports: ports(),
             queues: 1,
             cores: vec![0],
+            priority: None,
             // Tiny rings: a flood overflows them.
             rings: RingSizes {
                 rx: 64,

@@ -854,9 +854,15 @@ fn worker_priority_makes_the_workers_real_time() {
         .collect();
     let workers: Vec<_> = policies.iter().filter(|(c, _)| c.starts_with("kxp-worker")).collect();
     assert!(!workers.is_empty(), "{policies:?}");
-    assert!(workers.iter().all(|(_, p)| p == "1"), "workers SCHED_FIFO: {policies:?}");
     assert!(
-        policies.iter().filter(|(c, _)| !c.starts_with("kxp-worker")).all(|(_, p)| p == "0"),
+        workers.iter().all(|(_, p)| p == "1"),
+        "workers SCHED_FIFO: {policies:?}"
+    );
+    assert!(
+        policies
+            .iter()
+            .filter(|(c, _)| !c.starts_with("kxp-worker"))
+            .all(|(_, p)| p == "0"),
         "the rest of kxp runs normally: {policies:?}"
     );
 }

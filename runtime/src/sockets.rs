@@ -102,9 +102,6 @@ impl Plan {
 pub struct WorkerSockets {
     sets: Vec<XskSet>,
     plan: Plan,
-    /// By `PortId`: the index in `sets` of the set holding the port's
-    /// socket.
-    set_of: Vec<Option<u8>>,
     /// Frames copied from one set into the other.
     pub carried: u64,
     /// Frames dropped because the egress set had no free frame to copy
@@ -149,59 +146,43 @@ impl WorkerSockets {
                 plan.frames[index],
             )?);
         }
-        let mut s = WorkerSockets {
+        Ok(WorkerSockets {
             sets,
             plan,
-            set_of: Vec::new(),
             carried: 0,
             carry_no_frame: 0,
-        };
-        for (id, p) in ports.iter() {
-            if p.role != PortRole::Host {
-                s.note(id, Some(s.plan.index(s.plan.group(p.role))));
-            }
-        }
-        Ok(s)
+        })
     }
 
-    fn note(&mut self, id: PortId, set: Option<usize>) {
-        let i = usize::from(id.0);
-        if i >= self.set_of.len() {
-            self.set_of.resize(i + 1, None);
-        }
-        self.set_of[i] = set.map(|s| s as u8);
-    }
-
+    /// The set holding port `port`'s socket (at most two to look at).
     fn set_of_port(&self, port: usize) -> Option<usize> {
-        self.set_of.get(port).copied().flatten().map(usize::from)
+        self.sets.iter().position(|s| s.has_socket(port))
     }
 
-    fn set_of_frame(&self, f: &OwnedFrame) -> usize {
+    /// The index of the set frame `f` is in: look it up once per frame and
+    /// hand it to `set` and `carry`.
+    pub fn set_index(&self, f: &OwnedFrame) -> usize {
         self.sets.iter().position(|s| s.owns(f)).unwrap_or(0)
     }
 
-    /// The set a frame is in; `frame_mut`, `set_packet` and `release` go
-    /// through it.
-    pub fn set_for(&mut self, f: &OwnedFrame) -> &mut XskSet {
-        let i = self.set_of_frame(f);
-        &mut self.sets[i]
+    /// Set `index` (from `set_index`); `frame_mut`, `set_packet` and
+    /// `release` go through it.
+    pub fn set(&mut self, index: usize) -> &mut XskSet {
+        &mut self.sets[index]
     }
 
     /// Opens a socket for `port` as port `id` in the set its role joins.
     pub fn add_port(&mut self, id: PortId, port: &Port) -> Result<RawFd, XskError> {
         let set = self.plan.index(self.plan.group(port.role));
-        let fd = self.sets[set].add_port(id, port)?;
-        self.note(id, Some(set));
-        Ok(fd)
+        self.sets[set].add_port(id, port)
     }
 
     /// Closes port `id`'s socket; returns the frames that came back.
     pub fn remove_port(&mut self, id: PortId) -> usize {
-        let Some(set) = self.set_of_port(usize::from(id.0)) else {
-            return 0;
-        };
-        self.note(id, None);
-        self.sets[set].remove_port(id)
+        match self.set_of_port(usize::from(id.0)) {
+            Some(set) => self.sets[set].remove_port(id),
+            None => 0,
+        }
     }
 
     /// Port `id`'s socket fd, for the XSKMAP; `None` for a port without a
@@ -218,7 +199,7 @@ impl WorkerSockets {
 
     /// One past the highest `PortId` with a socket so far.
     pub fn port_slots(&self) -> usize {
-        self.set_of.len()
+        self.sets.iter().map(XskSet::port_slots).max().unwrap_or(0)
     }
 
     /// Takes up to `max` received frames from `port` into `out`.
@@ -235,16 +216,15 @@ impl WorkerSockets {
         self.sets[0].take_free()
     }
 
-    /// Makes `f` a frame `port` can transmit: itself if it is of `port`'s
-    /// set, else a copy in a frame of that set (`f` is released). `None`
-    /// (and `f` released) when the port is gone or its set has no free
-    /// frame.
-    pub fn carry(&mut self, port: usize, mut f: OwnedFrame) -> Option<OwnedFrame> {
+    /// Makes `f` (a frame of set `from`) a frame `port` can transmit:
+    /// itself if `port` is in the same set, else a copy in a frame of
+    /// `port`'s set (`f` is released). `None` (and `f` released) when the
+    /// port is gone or its set has no free frame.
+    pub fn carry(&mut self, from: usize, port: usize, mut f: OwnedFrame) -> Option<OwnedFrame> {
         let Some(to) = self.set_of_port(port) else {
-            self.set_for(&f).release(f);
+            self.sets[from].release(f);
             return None;
         };
-        let from = self.set_of_frame(&f);
         if from == to {
             return Some(f);
         }

@@ -307,7 +307,8 @@ fn forward(
     counters: &mut RuntimeCounters,
     timing: &mut EngineTiming,
 ) {
-    let frames = set.set_for(&desc);
+    let from = set.set_index(&desc);
+    let frames = set.set(from);
     let (buf, off, len) = frames.frame_mut(&mut desc);
     let mut frame = Frame::new(buf, off, len);
     let ingress = PortId(ingress as u16);
@@ -329,7 +330,7 @@ fn forward(
             if !frames.set_packet(&mut desc, off, len) {
                 counters.oversized += 1;
                 frames.release(desc);
-            } else if let Some(desc) = set.carry(usize::from(q), desc) {
+            } else if let Some(desc) = set.carry(from, usize::from(q), desc) {
                 out[usize::from(q)].push(desc);
             }
         }
@@ -361,7 +362,7 @@ fn host_rx(
         let Some(mut desc) = set.take_free() else {
             break;
         };
-        let frames = set.set_for(&desc);
+        let frames = set.set(set.set_index(&desc));
         let (buf, off, _) = frames.frame_mut(&mut desc);
         let Some(n) = host.tun.read(&mut buf[off + L2_LEN..]) else {
             frames.release(desc);

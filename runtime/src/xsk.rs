@@ -315,6 +315,11 @@ impl XskSet {
         f.set == self.id
     }
 
+    /// Whether port index `port` has a socket in this set.
+    pub fn has_socket(&self, port: usize) -> bool {
+        self.ports.get(port).is_some_and(Option::is_some)
+    }
+
     /// One past the highest `PortId` this set has held a socket for.
     pub fn port_slots(&self) -> usize {
         self.ports.len()

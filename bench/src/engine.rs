@@ -187,6 +187,19 @@ fn run_frames(
     reader: &Reader,
     frames: &Frames,
     count: usize,
+    order: impl FnMut(usize) -> usize,
+    now: &mut Time,
+) -> f64 {
+    run_frames_with(w, reader, frames, count, order, now, None)
+}
+
+/// `run_frames`, with the workers' sampled engine timing when `timing` is
+/// given.
+fn run_frames_with(
+    w: &mut Worker,
+    reader: &Reader,
+    frames: &Frames,
+    count: usize,
     mut order: impl FnMut(usize) -> usize,
     now: &mut Time,
     mut timing: Option<&mut (Sampler, Histogram<u64>)>,
@@ -354,7 +367,7 @@ fn measure_size(args: &Args, services: usize) -> Value {
     let mut w = Worker::new(state.clone());
     let mut now = Time::from_secs(1000);
 
-    let new_flow = run_frames(&mut w, &reader, &syn, flows, |i| i, &mut now, None);
+    let new_flow = run_frames(&mut w, &reader, &syn, flows, |i| i, &mut now);
     let live = state.conntrack.len();
     let ct_bytes = memory::live_bytes() - before_ct;
     assert_eq!(
@@ -381,15 +394,7 @@ fn measure_size(args: &Args, services: usize) -> Value {
     drop(tables_now);
 
     let allocs_before = memory::allocation_calls();
-    let est_hot = run_frames(
-        &mut w,
-        &reader,
-        &ack,
-        args.packets,
-        |i| i % HOT.min(flows),
-        &mut now,
-        None,
-    );
+    let est_hot = run_frames(&mut w, &reader, &ack, args.packets, |i| i % HOT.min(flows), &mut now);
     let allocs = memory::allocation_calls() - allocs_before;
     // The same path with the workers' per-core engine timing on,
     // alternating with it off, three times each: the minimum of each is
@@ -398,7 +403,7 @@ fn measure_size(args: &Args, services: usize) -> Value {
     let (mut plain, mut timed) = (est_hot, f64::INFINITY);
     for _ in 0..3 {
         let hot = |i| i % HOT.min(flows);
-        timed = timed.min(run_frames(
+        timed = timed.min(run_frames_with(
             &mut w,
             &reader,
             &ack,
@@ -407,28 +412,12 @@ fn measure_size(args: &Args, services: usize) -> Value {
             &mut now,
             Some(&mut timing),
         ));
-        plain = plain.min(run_frames(&mut w, &reader, &ack, args.packets, hot, &mut now, None));
+        plain = plain.min(run_frames(&mut w, &reader, &ack, args.packets, hot, &mut now));
     }
     let est_timed = timed;
-    let est_cold = run_frames(&mut w, &reader, &ack, flows, |i| cold_order[i] as usize, &mut now, None);
-    let rep_hot = run_frames(
-        &mut w,
-        &reader,
-        &reply,
-        args.packets,
-        |i| i % HOT.min(flows),
-        &mut now,
-        None,
-    );
-    let rep_cold = run_frames(
-        &mut w,
-        &reader,
-        &reply,
-        flows,
-        |i| cold_order[i] as usize,
-        &mut now,
-        None,
-    );
+    let est_cold = run_frames(&mut w, &reader, &ack, flows, |i| cold_order[i] as usize, &mut now);
+    let rep_hot = run_frames(&mut w, &reader, &reply, args.packets, |i| i % HOT.min(flows), &mut now);
+    let rep_cold = run_frames(&mut w, &reader, &reply, flows, |i| cold_order[i] as usize, &mut now);
 
     // NodePort with SNAT (eTP=Cluster): 10,000 clients, then the hot set.
     let np_client = |k: usize| {
@@ -448,11 +437,11 @@ fn measure_size(args: &Args, services: usize) -> Value {
         )
     };
     let np_syn = np_frames(TCP_SYN);
-    let np_new = run_frames(&mut w, &reader, &np_syn, np_syn.len(), |i| i, &mut now, None);
+    let np_new = run_frames(&mut w, &reader, &np_syn, np_syn.len(), |i| i, &mut now);
     // Established: the flows' later segments (a SYN again would be a
     // retransmission, which kxp verifies like any state change).
     let np_ack = np_frames(TCP_ACK);
-    let np_est = run_frames(&mut w, &reader, &np_ack, args.packets, |i| i % HOT, &mut now, None);
+    let np_est = run_frames(&mut w, &reader, &np_ack, args.packets, |i| i % HOT, &mut now);
 
     // Overlay: pod to remote pods (encap) and back (decap).
     let encap = Frames::new(
@@ -492,25 +481,9 @@ fn measure_size(args: &Args, services: usize) -> Value {
     arp.resize(60, 0);
     let mut arp = Frames::new(PortId(0), std::iter::once(arp));
     arp.forwarded = false;
-    let floor = run_frames(&mut w, &reader, &arp, args.packets, |_| 0, &mut now, None);
-    let enc = run_frames(
-        &mut w,
-        &reader,
-        &encap,
-        args.packets,
-        |i| i % HOT.min(flows),
-        &mut now,
-        None,
-    );
-    let dec = run_frames(
-        &mut w,
-        &reader,
-        &decap,
-        args.packets,
-        |i| i % HOT.min(flows),
-        &mut now,
-        None,
-    );
+    let floor = run_frames(&mut w, &reader, &arp, args.packets, |_| 0, &mut now);
+    let enc = run_frames(&mut w, &reader, &encap, args.packets, |i| i % HOT.min(flows), &mut now);
+    let dec = run_frames(&mut w, &reader, &decap, args.packets, |i| i % HOT.min(flows), &mut now);
     let dropped = w.stats.total_drops();
     let (index_insert, index_remove) = reply_index_cost(capacity, flows);
     let index_bytes = state.conntrack.reply_index().buckets() * WORDS_PER_BUCKET * 8;

@@ -2,20 +2,17 @@
 //! uplink, the node's own traffic keeps flowing, and `kill -9` leaves
 //! nothing behind (the program hangs off a BPF link owned by the process).
 
+mod support;
+
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lab::{node_ip, Lab};
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// A kill -9 and the kernel's cleanup of the BPF link can take a while on
+/// a loaded machine: 30 s.
+fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    support::cluster::wait_for_within(what, Duration::from_secs(30), f);
 }
 
 /// Kills the child on drop so a failed assertion leaves no kxp running.

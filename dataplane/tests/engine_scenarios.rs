@@ -1212,13 +1212,19 @@ fn fragments_of_a_service_datagram_are_translated_like_their_first() {
 #[test]
 fn fragments_through_a_node_port_are_translated_like_their_first() {
     let mut lab = Lab::new(&[web_on_a(Proto::Udp)]);
+    let seen = fragmented_node_port_query(&mut lab);
+    assert!(seen.checksums_ok);
+    assert_eq!((seen.src, seen.dst, seen.ports.1), (NODE_IP, POD_A, 8080));
+}
+
+/// A client's 4 KB datagram to the NodePort, in 1480-byte fragments from
+/// the uplink; what reaches pod A, reassembled.
+fn fragmented_node_port_query(lab: &mut Lab) -> craft::Seen {
     let query = craft::Spec::udp((CLIENT_IP, 40000), (NODE_IP, 30080), &[7u8; 4000])
         .macs(GW_MAC, UPLINK_MAC)
         .build();
-    let delivered = through(&mut lab, UPLINK, PORT_A, &fragments(&query, 1480));
-    let seen = craft::inspect(&reassemble(&delivered)).unwrap();
-    assert!(seen.checksums_ok);
-    assert_eq!((seen.src, seen.dst, seen.ports.1), (NODE_IP, POD_A, 8080));
+    let delivered = through(lab, UPLINK, PORT_A, &fragments(&query, 1480));
+    craft::inspect(&reassemble(&delivered)).unwrap()
 }
 
 /// A flood of forged first fragments (one packet each, from anywhere) fills
@@ -1235,11 +1241,7 @@ fn a_first_fragment_flood_does_not_lock_out_real_fragmented_datagrams() {
         lab.send_raw(UPLINK, &fragments(&forged, 1480)[0]);
     }
     assert!(lab.worker.stats.fragments_evicted > 0, "the flood overfilled the table");
-    let query = craft::Spec::udp((CLIENT_IP, 40000), (NODE_IP, 30080), &[7u8; 4000])
-        .macs(GW_MAC, UPLINK_MAC)
-        .build();
-    let delivered = through(&mut lab, UPLINK, PORT_A, &fragments(&query, 1480));
-    let seen = craft::inspect(&reassemble(&delivered)).unwrap();
+    let seen = fragmented_node_port_query(&mut lab);
     assert!(seen.checksums_ok);
     assert_eq!((seen.src, seen.dst), (NODE_IP, POD_A));
 }

@@ -137,13 +137,15 @@ pub fn changes(k: &Kxp) -> f64 {
     k.metric_sum("kubeproxy_sync_proxy_rules_service_changes_total", &[])
 }
 
-pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, f: impl FnMut() -> bool) {
+    wait_for_within(what, Duration::from_secs(20), f);
+}
+
+/// Polls `f` every 100 ms until it holds; fails after `limit`.
+pub fn wait_for_within(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for: {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

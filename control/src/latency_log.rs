@@ -83,6 +83,9 @@ pub fn table(hists: &[(String, Histogram<u64>)]) -> String {
     s
 }
 
+/// Most bytes `fetch` reads.
+const MAX_LOG_BYTES: u64 = 16 << 20;
+
 /// `GET /latency.hlog` from a running kxp's metrics address.
 pub fn fetch(addr: SocketAddr) -> Result<Vec<u8>, String> {
     let err = |e: std::io::Error| {
@@ -92,8 +95,15 @@ pub fn fetch(addr: SocketAddr) -> Result<Vec<u8>, String> {
     conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(err)?;
     conn.write_all(format!("GET /latency.hlog HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .map_err(err)?;
+    // A log is a few KB per worker; whatever answers at that address gets
+    // no more than this much of kxp's memory.
     let mut reply = Vec::new();
-    conn.read_to_end(&mut reply).map_err(err)?;
+    conn.take(MAX_LOG_BYTES).read_to_end(&mut reply).map_err(err)?;
+    if reply.len() as u64 >= MAX_LOG_BYTES {
+        return Err(format!(
+            "{addr}/latency.hlog: more than {MAX_LOG_BYTES} bytes, not kxp's log"
+        ));
+    }
     let split = reply
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -158,6 +168,22 @@ mod tests {
         let table = table(&hists);
         assert!(table.contains("q1.engine"), "{table}");
         assert!(table.lines().count() == 9, "{table}");
+    }
+
+    /// Whatever answers at the metrics address cannot make `kxp dump`
+    /// read without end.
+    #[test]
+    fn an_endless_answer_is_cut_off_and_refused() {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = server.accept().unwrap();
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+            let chunk = vec![b'#'; 1 << 20];
+            while c.write_all(&chunk).is_ok() {}
+        });
+        let err = fetch(addr).unwrap_err();
+        assert!(err.contains("more than"), "{err}");
     }
 
     #[test]

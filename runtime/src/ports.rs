@@ -54,11 +54,6 @@ impl PortTable {
         Ok(PortId(at as u16))
     }
 
-    /// The id the next `insert` will return.
-    pub fn next_id(&self) -> PortId {
-        PortId(self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len()) as u16)
-    }
-
     pub fn remove(&mut self, id: PortId) -> Option<Port> {
         self.slots.get_mut(usize::from(id.0)).and_then(Option::take)
     }
@@ -144,7 +139,6 @@ mod tests {
         assert_eq!(t.insert(port("vp2", PortRole::Pod, 6)).unwrap(), PortId(2));
         assert_eq!(t.remove(PortId(1)).unwrap().name, "vp1");
         assert_eq!(t.find("vp1"), None);
-        assert_eq!(t.next_id(), PortId(1));
         assert_eq!(t.insert(port("vp3", PortRole::Pod, 7)).unwrap(), PortId(1));
         assert_eq!(t.len(), 3);
         assert_eq!(t.with_role(PortRole::Uplink), Some(PortId(0)));

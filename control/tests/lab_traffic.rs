@@ -866,3 +866,67 @@ fn worker_priority_makes_the_workers_real_time() {
         "the rest of kxp runs normally: {policies:?}"
     );
 }
+
+/// With pods in a UMEM of their own, a spoofed UDP flood from off the
+/// cluster at a NodePort (every packet copied from the uplink's UMEM into
+/// the pods') must not starve the other pods: a pod keeps reaching another
+/// through a ClusterIP meanwhile, and every frame of both UMEMs stays
+/// accounted for.
+#[test]
+fn a_flood_copied_into_the_pods_umem_does_not_starve_other_pods() {
+    if !lab::root_or_skip() {
+        return;
+    }
+    use lab::flood::{flood, Kind};
+    const NODE_PORT: u16 = 30708;
+    let mut target = Svc::new("flooded", vip(95), 7800, &[(pod_ip(1, 0), 1)]);
+    target.node_port = Some(NODE_PORT);
+    let other = Svc::tcp("other", vip(96), 7801, &[(pod_ip(1, 2), 1)]);
+    let c = Cluster::with(
+        Lab::build(1, 3).expect("lab builds"),
+        &[1],
+        &[target, other],
+        "  umemLayout: split\n",
+    );
+    let _other = Listener::start(&c.pod(1, 2).ns, 7801, "other").unwrap();
+    let k = &c.kxps[0];
+    wait_for("two UMEMs", || k.metric_sum("kxp_worker_umems", &[]) == 2.0);
+    let pool = k.metric_sum("kxp_worker_frames", &["place=\"total\""]);
+    let client_ns = c.lab.client.ns.clone();
+    let attack = std::thread::spawn(move || {
+        flood(
+            &client_ns,
+            Kind::Udp,
+            SocketAddrV4::new(node_ip(1), NODE_PORT),
+            500_000,
+            2,
+        )
+    });
+    let mut greeted = 0;
+    while !attack.is_finished() {
+        let got = connect(&c.pod(1, 1).ns, sa(vip(96), 7801), Duration::from_secs(12))
+            .unwrap_or_else(|e| panic!("a pod could not reach another during the flood: {e}"));
+        assert_eq!(got, "other");
+        greeted += 1;
+    }
+    let sent = attack.join().unwrap().unwrap();
+    assert_eq!(greet(c.pod(1, 1), sa(vip(96), 7801)), "other", "right after the flood");
+    std::thread::sleep(Duration::from_millis(300)); // a report
+    let text = k.metrics();
+    let frames = |place: &str| lab::kxp::metric_sum(&text, "kxp_worker_frames", &[&format!("place=\"{place}\"")]);
+    let parts: f64 = ["free", "fill", "tx", "held"].iter().map(|p| frames(p)).sum();
+    assert_eq!(parts, frames("total"), "every frame of both UMEMs is somewhere");
+    assert_eq!(frames("total"), pool, "no frame written off");
+    assert_eq!(
+        lab::kxp::metric_sum(&text, "kxp_worker_drops", &["reason=\"xsk_invalid_descs\""]),
+        0.0
+    );
+    let copies = lab::kxp::metric_sum(&text, "kxp_worker_events", &["event=\"umem_copies\""]);
+    let no_frame = lab::kxp::metric_sum(&text, "kxp_worker_drops", &["reason=\"umem_copy_no_frame\""]);
+    assert!(copies > 1000.0, "the flood crossed into the pods' UMEM: {copies}");
+    eprintln!(
+        "UDP flood: {} packets at {:.0} pps; {greeted} connections between pods meanwhile; {copies} copies, {no_frame} dropped for want of a frame",
+        sent.packets,
+        sent.pps()
+    );
+}
